@@ -1,0 +1,97 @@
+"""The one settings object, built once at process start and passed down.
+
+No module reads os.environ itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of dreamq. Each field is the environment variable ``DREAMQ_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="DREAMQ_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for job records, API keys and statistics."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker URL; defaults to DREAMQ_REDIS_URL."
+    )
+    storage_url: str = Field(
+        "file:///var/lib/dreamq/outputs",
+        description="Where outputs go: s3://bucket/prefix or file:///absolute/dir.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="Endpoint of an S3-compatible server (MinIO, moto, ...). "
+        "Credentials come from the usual AWS_* variables.",
+    )
+    s3_public_url: str | None = Field(
+        None,
+        description="Public base URL of the bucket for output links; defaults to "
+        "<endpoint>/<bucket> (path style).",
+    )
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Where clients reach the API: base of fetch_result and of /files/ links.",
+    )
+    models_file: Path | None = Field(None, description="The model registry (YAML).")
+
+    device: str = Field(
+        "auto",
+        description="Torch device of the workers: auto (cuda when present), cuda, cuda:N, cpu.",
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype: auto is float16 on CUDA and float32 on CPU."
+    )
+
+    generate_queue: str = Field("generate", description="Celery queue of generation jobs.")
+    webhook_queue: str = Field("webhooks", description="Celery queue of webhook deliveries.")
+
+    default_eta_seconds: float = Field(
+        10.0, gt=0, description="Run time assumed for a model with no history yet."
+    )
+    max_steps: int = Field(
+        51, ge=1, le=51, description="Deployment cap on num_inference_steps (contract: 1..51)."
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="Per-attempt timeout of a webhook POST."
+    )
+    outbound_allow_cidrs: str = Field(
+        "",
+        description="Comma-separated private CIDRs dreamq may connect to for webhooks and image "
+        "URLs (everything else must be a public address). dreamq dev allows loopback.",
+    )
+    legacy_http_200: bool = Field(
+        False, description="[compat] Answer every error body with HTTP 200, like the hosted API."
+    )
+    job_ttl_seconds: int = Field(
+        7 * 24 * 3600, gt=0, description="How long a finished job record stays fetchable."
+    )
+    dev_api_key: str | None = Field(
+        None, description="dreamq dev only: the API key to register (else one is generated)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of every dreamq process."
+    )
+
+    @field_validator("public_url", "s3_public_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _check_storage_url(self) -> Settings:
+        if not self.storage_url.startswith(("s3://", "file:///")):
+            raise ValueError("DREAMQ_STORAGE_URL must be s3://bucket[/prefix] or file:///abs/dir")
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
