@@ -1,0 +1,1 @@
+"""Shared state: job records and their state machine in Redis, API keys, statistics, outputs."""
