@@ -1,0 +1,77 @@
+"""The Celery side shared by the API (which publishes) and the workers (which consume).
+
+Job state does not live in Celery: a message carries only a job id, results are ignored, and the
+job record in Redis is the truth. Messages are acked late, after the job reached a terminal state,
+so a worker that dies mid-job gives its message back to the broker.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from celery import Celery
+
+from dreamq.settings import Settings
+
+GENERATE_TASK = "dreamq.generate"
+WEBHOOK_TASK = "dreamq.deliver_webhook"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("dreamq", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message at a time per process: a GPU worker never sits on a job another could run.
+        worker_prefetch_multiplier=1,
+        task_routes={
+            GENERATE_TASK: {"queue": settings.generate_queue},
+            WEBHOOK_TASK: {"queue": settings.webhook_queue},
+        },
+        task_default_queue=settings.generate_queue,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+class Publisher(Protocol):
+    """Hands work to the broker. The job record is always written before a publish."""
+
+    def publish_job(self, job_id: int) -> None: ...
+
+    def publish_webhook(self, job_id: int) -> None: ...
+
+
+class CeleryPublisher:
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self._app = app
+        self._generate_queue = settings.generate_queue
+        self._webhook_queue = settings.webhook_queue
+
+    def publish_job(self, job_id: int) -> None:
+        self._app.send_task(GENERATE_TASK, args=[job_id], queue=self._generate_queue)
+
+    def publish_webhook(self, job_id: int) -> None:
+        self._app.send_task(WEBHOOK_TASK, args=[job_id], queue=self._webhook_queue)
+
+
+class RecordingPublisher:
+    """In-memory twin for unit tests: remembers what would have been published."""
+
+    def __init__(self) -> None:
+        self.jobs: list[int] = []
+        self.webhooks: list[int] = []
+        self.fail_with: Exception | None = None
+
+    def publish_job(self, job_id: int) -> None:
+        if self.fail_with:
+            raise self.fail_with
+        self.jobs.append(job_id)
+
+    def publish_webhook(self, job_id: int) -> None:
+        self.webhooks.append(job_id)
