@@ -1,0 +1,1 @@
+"""The HTTP API: thin FastAPI adapters over the submission and fetch services. No torch here."""

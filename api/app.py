@@ -1,0 +1,112 @@
+"""The app factory: `create_app(settings, ...)` wires services onto app.state.
+
+Everything is built here without I/O (clients connect on first use), so tests can build the app
+with fakes, and `dreamq api` with real services from the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, JSONResponse
+
+from api import errors
+from api.routes import router
+from api.service import DreamboothService
+from dreamq import __version__
+from dreamq.queue import CeleryPublisher, Publisher, make_celery
+from dreamq.registry import Registry, load_registry
+from dreamq.settings import Settings
+from storage.apikeys import AsyncApiKeyStore
+from storage.jobs import AsyncJobStore
+from storage.objects import LocalDirObjectStore, ObjectStore, open_object_store
+
+log = logging.getLogger("dreamq.api")
+
+
+@dataclass
+class Overrides:
+    """Parts a test may replace; anything left None is built from the settings."""
+
+    redis_client: aioredis.Redis | None = None
+    registry: Registry | None = None
+    objects: ObjectStore | None = None
+    publisher: Publisher | None = None
+
+
+def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
+    parts = overrides or Overrides()
+    client = parts.redis_client or aioredis.Redis.from_url(settings.redis_url)
+    registry = parts.registry or _registry(settings)
+    objects = parts.objects or open_object_store(settings)
+    publisher = parts.publisher or CeleryPublisher(make_celery(settings), settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = FastAPI(
+        title="dreamq",
+        version=__version__,
+        summary="Self-hosted Dreambooth API V4: text to image through a distributed job queue.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = DreamboothService(
+        settings=settings,
+        redis_client=client,
+        jobs=AsyncJobStore(client, ttl_seconds=settings.job_ttl_seconds),
+        api_keys=AsyncApiKeyStore(client),
+        registry=registry,
+        objects=objects,
+        publisher=publisher,
+    )
+    errors.install(app, legacy_http_200=settings.legacy_http_200)
+    app.include_router(router)
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready() -> JSONResponse:
+        """Readiness: Redis answers (the broker is Redis unless configured otherwise)."""
+        try:
+            await client.ping()
+        except Exception:
+            return JSONResponse({"status": "unavailable", "redis": "down"}, status_code=503)
+        return JSONResponse({"status": "ok", "redis": "up"})
+
+    if isinstance(objects, LocalDirObjectStore):
+        local = objects
+
+        @app.get("/files/{key:path}", tags=["outputs"], include_in_schema=False)
+        async def files(key: str) -> FileResponse:
+            """Outputs of the local-directory store (the embedded default)."""
+            try:
+                path = local.path_for(key)
+            except ValueError:
+                raise HTTPException(404) from None
+            if not path.is_file():
+                raise HTTPException(404)
+            return FileResponse(path)
+
+    return app
+
+
+def _registry(settings: Settings) -> Registry:
+    if settings.models_file is None:
+        raise RuntimeError("DREAMQ_MODELS_FILE is not set: the API needs the model registry")
+    return load_registry(settings.models_file)
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn factory for `dreamq api`: settings from the environment, read at startup."""
+    return create_app(Settings())

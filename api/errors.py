@@ -1,0 +1,78 @@
+"""The one place where errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from dreamq.contract import attribute
+from dreamq.errors import DreamqError, FieldErrors
+
+log = logging.getLogger("dreamq.api")
+
+# Fallback texts for pydantic error types our own validators do not raise (wrong JSON types).
+_GENERIC = {
+    "int_parsing": "The {attr} must be a number.",
+    "int_type": "The {attr} must be a number.",
+    "string_type": "The {attr} must be a string.",
+}
+
+
+def error_body(message: str | FieldErrors) -> dict[str, Any]:
+    return {"status": "error", "message": message, "messege": message}  # [compat] both spellings
+
+
+def field_errors(errors: Any) -> FieldErrors:
+    """Turn pydantic/FastAPI errors into the vendor's {field: [messages]} map.
+
+    Only our own message texts and field names go out: never the offending input, which could
+    be a key or a secret pasted in the wrong field.
+    """
+    fields: FieldErrors = {}
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        kind = error.get("type", "")
+        ctx = error.get("ctx") or {}
+        if kind == "json_invalid":
+            field, text = "body", "The request body is not valid JSON."
+        elif len(loc) < 2 and "field" not in ctx:
+            field, text = "body", "The request body must be a JSON object."
+        else:
+            field = str(ctx.get("field") or loc[1])
+            if kind in _GENERIC:
+                text = _GENERIC[kind].format(attr=attribute(field))
+            elif kind.startswith(("int_", "float_", "string_", "bool_", "list_", "dict_")) or (
+                len(loc) > 2
+            ):
+                text = f"The {attribute(field)} is invalid."
+            else:
+                text = str(error.get("msg", "invalid"))
+        messages = fields.setdefault(field, [])
+        if text not in messages:
+            messages.append(text)
+    return fields
+
+
+def install(app: FastAPI, *, legacy_http_200: bool) -> None:
+    def status(code: int) -> int:
+        return 200 if legacy_http_200 else code  # [compat] the hosted API answers 200 to errors
+
+    async def on_dreamq_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DreamqError)
+        return JSONResponse(error_body(exc.message), status_code=status(exc.http_status))
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse(error_body(field_errors(exc.errors())), status_code=status(400))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body("Internal server error"), status_code=status(500))
+
+    app.add_exception_handler(DreamqError, on_dreamq_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
