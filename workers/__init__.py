@@ -1,0 +1,1 @@
+"""The worker side of dreamq: model loading, pipelines and the Celery job runner (imports torch)."""

@@ -1,0 +1,145 @@
+"""The Celery worker application: two thin tasks over the runner and the dispatcher.
+
+`dreamq worker` consumes the generation queue (one process per GPU, prefork); `dreamq dispatcher`
+consumes the webhook queue on CPU. Heavy things (Redis and S3 clients, the pipeline cache) are
+built once per pool process, after fork, in `worker_process_init`: CUDA must never be initialised
+in the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from dreamq.outbound import parse_cidrs
+from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, CeleryPublisher, make_celery
+from dreamq.registry import Registry, load_registry
+from dreamq.settings import Settings
+from storage.eta import DurationRecorder, heartbeat
+from storage.jobs import JobStore
+from storage.objects import open_object_store
+
+log = logging.getLogger("dreamq.worker")
+
+HEARTBEAT_SECONDS = 10.0
+
+
+@dataclass
+class _ProcessParts:
+    pid: int
+    runner: Any
+    dispatcher: Any
+
+
+class WorkerRuntime:
+    """What one pool process needs, built lazily once per process (and rebuilt after a fork)."""
+
+    def __init__(self, settings: Settings, app: Celery, role: str) -> None:
+        self.settings = settings
+        self.app = app
+        self.role = role
+        self._parts: _ProcessParts | None = None
+        self._lock = threading.Lock()
+
+    def parts(self) -> _ProcessParts:
+        with self._lock:
+            if self._parts is None or self._parts.pid != os.getpid():
+                self._parts = self._build()
+            return self._parts
+
+    def _build(self) -> _ProcessParts:
+        settings = self.settings
+        client = redis.Redis.from_url(settings.redis_url)
+        jobs = JobStore(client, ttl_seconds=settings.job_ttl_seconds)
+        publisher = CeleryPublisher(self.app, settings)
+        runner = dispatcher = None
+        if self.role == "generate":
+            # Imported here: the dispatcher never loads torch.
+            from workers.models import PipelineCache
+            from workers.runner import JobRunner
+
+            runner = JobRunner(
+                jobs=jobs,
+                objects=open_object_store(settings),
+                models=PipelineCache(
+                    _registry(settings), device=settings.device, dtype=settings.dtype
+                ),
+                durations=DurationRecorder(client),
+                publisher=publisher,
+            )
+        else:
+            from workers.webhooks import HttpWebhookSender, WebhookDispatcher
+
+            dispatcher = WebhookDispatcher(
+                jobs=jobs,
+                sender=HttpWebhookSender(settings.webhook_timeout_seconds),
+                allow=parse_cidrs(settings.outbound_allow_cidrs),
+            )
+        return _ProcessParts(pid=os.getpid(), runner=runner, dispatcher=dispatcher)
+
+
+def _registry(settings: Settings) -> Registry:
+    if settings.models_file is None:
+        raise RuntimeError("DREAMQ_MODELS_FILE is not set: the worker needs the model registry")
+    return load_registry(settings.models_file)
+
+
+class _Heartbeat:
+    """Writes this worker's heartbeat to Redis on a timer, from the main process."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._client = redis.Redis.from_url(settings.redis_url)
+        self._name = name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dreamq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                heartbeat(self._client, self._name)
+            except redis.RedisError:
+                log.warning("heartbeat: Redis unavailable")
+            if self._stop.wait(HEARTBEAT_SECONDS):
+                return
+
+
+def create_worker_app(settings: Settings, role: str) -> Celery:
+    """A Celery app whose tasks run generation jobs (role 'generate') or webhooks ('webhooks')."""
+    if role not in ("generate", "webhooks"):
+        raise ValueError(f"unknown worker role {role!r}")
+    app = make_celery(settings)
+    runtime = WorkerRuntime(settings, app, role)
+
+    @app.task(name=GENERATE_TASK)
+    def generate(job_id: int) -> None:
+        runtime.parts().runner.run(int(job_id))
+
+    @app.task(name=WEBHOOK_TASK)
+    def deliver_webhook(job_id: int) -> None:
+        runtime.parts().dispatcher.deliver(int(job_id))
+
+    def on_process_init(**_: Any) -> None:
+        runtime.parts()
+
+    # weak=False: the handlers are closures that would otherwise be collected at once.
+    worker_process_init.connect(on_process_init, weak=False)
+    if role == "generate":
+        # Only generation workers count towards the ETA's "workers serving the queue".
+        beat = _Heartbeat(settings, f"{role}@{socket.gethostname()}:{os.getpid()}")
+        worker_ready.connect(lambda **_: beat.start(), weak=False)
+        worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
+    return app

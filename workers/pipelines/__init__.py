@@ -1,0 +1,1 @@
+"""One module per pipeline kind, each with check_inputs and run."""
