@@ -1,0 +1,3 @@
+from dreamq.cli import main
+
+raise SystemExit(main())
