@@ -1,0 +1,98 @@
+"""The real stack for integration tests: redis-server, moto's S3 server, a `dreamq worker` and a
+`dreamq dispatcher` subprocess, and the API app (real Redis, real Celery publisher) in process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from dreamq.registry import ModelEntry, Registry, write_registry
+from dreamq.settings import Settings
+from storage.apikeys import ApiKeyStore
+from tests.support.processes import (
+    JobEvents,
+    ProcessOutput,
+    RedisServer,
+    WebhookReceiver,
+    dreamq_worker,
+    webhook_receiver,
+)
+from tests.support.s3 import MotoS3, moto_s3_server
+
+BUCKET = "dreamq-outputs"
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    s3: MotoS3
+    settings: Settings
+    worker: ProcessOutput
+    dispatcher: ProcessOutput
+    api: TestClient
+    key: str
+    other_key: str
+    receiver: WebhookReceiver
+
+    def events(self) -> JobEvents:
+        return JobEvents(self.redis.client())
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_proc: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    redis_proc.client().flushall()
+    registry_file = tmp_path_factory.mktemp("registry") / "models.yaml"
+    write_registry(
+        registry_file,
+        Registry(
+            models={
+                "demo": ModelEntry(source=str(tiny_model_dir)),
+                "broken": ModelEntry(source=str(tiny_model_dir.parent / "missing")),
+            }
+        ),
+    )
+    with moto_s3_server() as s3, webhook_receiver() as receiver:
+        s3.create_bucket(BUCKET)
+        env = {
+            **s3.env(),
+            "DREAMQ_REDIS_URL": redis_proc.url,
+            "DREAMQ_STORAGE_URL": f"s3://{BUCKET}/dq",
+            "DREAMQ_PUBLIC_URL": "http://testserver",
+            "DREAMQ_MODELS_FILE": str(registry_file),
+            "DREAMQ_OUTBOUND_ALLOW_CIDRS": "127.0.0.0/8",
+            "HF_HUB_OFFLINE": "1",
+        }
+        settings = Settings(
+            redis_url=redis_proc.url,
+            storage_url=f"s3://{BUCKET}/dq",
+            s3_endpoint_url=s3.endpoint_url,
+            public_url="http://testserver",
+            models_file=registry_file,
+        )
+        store = ApiKeyStore(redis.Redis.from_url(redis_proc.url))
+        key, _ = store.create("tenant-a")
+        other_key, _ = store.create("tenant-b")
+        with (
+            dreamq_worker(env, "worker") as worker,
+            dreamq_worker(env, "dispatcher") as dispatcher,
+            TestClient(create_app(settings)) as api,
+        ):
+            yield Stack(
+                redis=redis_proc,
+                s3=s3,
+                settings=settings,
+                worker=worker,
+                dispatcher=dispatcher,
+                api=api,
+                key=key,
+                other_key=other_key,
+                receiver=receiver,
+            )

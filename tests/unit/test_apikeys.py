@@ -1,0 +1,147 @@
+"""API keys stored hashed (storage/apikeys.py): the plaintext never reaches Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import fakeredis
+import pytest
+import redis
+
+from storage import keys
+from storage.apikeys import (
+    KEY_PREFIX,
+    ApiKeyStore,
+    AsyncApiKeyStore,
+    KeyInfo,
+    hash_key,
+)
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def client(server: fakeredis.FakeServer) -> redis.Redis:
+    return fakeredis.FakeRedis(server=server)
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> ApiKeyStore:
+    return ApiKeyStore(client)
+
+
+def async_lookup(server: fakeredis.FakeServer, key: str | None) -> KeyInfo | None:
+    async def scenario() -> KeyInfo | None:
+        return await AsyncApiKeyStore(fakeredis.aioredis.FakeRedis(server=server)).lookup(key)
+
+    return asyncio.run(scenario())
+
+
+def everything_stored(client: redis.Redis) -> list[bytes]:
+    """Every key name, field and value on the fake server."""
+    found: list[bytes] = []
+    for name in client.scan_iter():
+        found.append(name)
+        kind = client.type(name)
+        if kind == b"hash":
+            for field, value in client.hgetall(name).items():
+                found += [field, value]
+        elif kind == b"string":
+            found.append(client.get(name))
+        elif kind == b"set":
+            found += list(client.smembers(name))
+        elif kind == b"zset":
+            found += list(client.zrange(name, 0, -1))
+        elif kind == b"list":
+            found += client.lrange(name, 0, -1)
+        else:
+            pytest.fail(f"unexpected key type {kind!r}")
+    return found
+
+
+def test_create_returns_a_prefixed_random_key(store: ApiKeyStore) -> None:
+    key, info = store.create("alice")
+    other, other_info = store.create("alice")
+    assert key.startswith(KEY_PREFIX)
+    assert len(key) >= len(KEY_PREFIX) + 40
+    assert key != other
+    assert info.id != other_info.id
+    assert info.name == "alice"
+    assert info.revoked is False
+
+
+def test_the_plaintext_is_stored_nowhere(store: ApiKeyStore, client: redis.Redis) -> None:
+    key, _ = store.create("alice")
+    secret = key.removeprefix(KEY_PREFIX).encode()
+    stored = everything_stored(client)
+    assert stored  # the scan saw the key's records
+    assert not any(secret in item for item in stored)
+    assert not any(key.encode() in item for item in stored)
+    # What is stored is the digest.
+    assert any(hash_key(key).encode() in item for item in stored)
+
+
+def test_hash_key_is_sha256_hex() -> None:
+    assert hash_key("dq_abc") == hashlib.sha256(b"dq_abc").hexdigest()
+
+
+def test_lookup_finds_the_created_key(store: ApiKeyStore, server: fakeredis.FakeServer) -> None:
+    key, info = store.create("alice")
+    assert store.lookup(key) == info
+    assert async_lookup(server, key) == info
+
+
+def test_lookup_distinguishes_keys(store: ApiKeyStore) -> None:
+    alice, alice_info = store.create("alice")
+    bob, bob_info = store.create("bob")
+    assert store.lookup(alice) == alice_info
+    assert store.lookup(bob) == bob_info
+    assert store.lookup(alice + "x") is None
+
+
+def test_register_is_idempotent(store: ApiKeyStore, client: redis.Redis) -> None:
+    first = store.register("dq_devstack-fixed-key", "dev")
+    names_before = client.hgetall(keys.API_KEY_NAMES)
+    again = store.register("dq_devstack-fixed-key", "renamed")
+    assert again == first
+    assert again.name == "dev"
+    assert client.hgetall(keys.API_KEY_NAMES) == names_before
+    assert names_before == {first.id.encode(): hash_key("dq_devstack-fixed-key").encode()}
+    assert store.lookup("dq_devstack-fixed-key") == first
+
+
+def test_revoked_keys_are_not_found(
+    store: ApiKeyStore, client: redis.Redis, server: fakeredis.FakeServer
+) -> None:
+    key, _ = store.create("alice")
+    client.hset(keys.api_key(hash_key(key)), "revoked", "1")
+    assert store.lookup(key) is None
+    assert async_lookup(server, key) is None
+
+
+def test_async_lookup_of_an_unknown_key_is_none(server: fakeredis.FakeServer) -> None:
+    assert async_lookup(server, KEY_PREFIX + "x" * 43) is None
+
+
+@pytest.mark.parametrize("key", [None, "", "no-prefix-key", "DQ_upper-prefix"])
+def test_async_lookup_refuses_malformed_keys_even_when_stored(
+    store: ApiKeyStore, server: fakeredis.FakeServer, key: str | None
+) -> None:
+    if key:
+        store.register(key, "stored without the prefix")
+    assert async_lookup(server, key) is None
+
+
+def test_async_lookup_refuses_keys_over_128_characters(
+    store: ApiKeyStore, server: fakeredis.FakeServer
+) -> None:
+    longest = KEY_PREFIX + "a" * (128 - len(KEY_PREFIX))
+    too_long = longest + "a"
+    info = store.register(longest, "longest")
+    store.register(too_long, "too long")
+    assert async_lookup(server, longest) == info
+    assert async_lookup(server, too_long) is None
