@@ -53,30 +53,17 @@ async def fetch_by_id(
     return await service.fetch(body.key, id)
 
 
-for _path in TXT2IMG_PATHS:
-    router.add_api_route(
-        _path,
-        text2img,
-        methods=["POST"],
-        responses=_ERRORS,
-        tags=["generation"],
-        name=f"text2img:{_path}",
-    )
-for _path in FETCH_PATHS:
-    router.add_api_route(
-        _path,
-        fetch,
-        methods=["POST"],
-        responses=_ERRORS,
-        tags=["fetch"],
-        name=f"fetch:{_path}",
-    )
-for _path in FETCH_BY_ID_PATHS:
-    router.add_api_route(
-        _path,
-        fetch_by_id,
-        methods=["POST"],
-        responses=_ERRORS,
-        tags=["fetch"],
-        name=f"fetch_by_id:{_path}",
-    )
+for _endpoint, _paths, _tag in (
+    (text2img, TXT2IMG_PATHS, "generation"),
+    (fetch, FETCH_PATHS, "fetch"),
+    (fetch_by_id, FETCH_BY_ID_PATHS, "fetch"),
+):
+    for _path in _paths:
+        router.add_api_route(
+            _path,
+            _endpoint,
+            methods=["POST"],
+            responses=_ERRORS,
+            tags=[_tag],
+            name=f"{_endpoint.__name__}:{_path}",
+        )

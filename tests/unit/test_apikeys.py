@@ -20,16 +20,6 @@ from storage.apikeys import (
 
 
 @pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def client(server: fakeredis.FakeServer) -> redis.Redis:
-    return fakeredis.FakeRedis(server=server)
-
-
-@pytest.fixture
 def store(client: redis.Redis) -> ApiKeyStore:
     return ApiKeyStore(client)
 

@@ -24,16 +24,6 @@ from storage.eta import (
 NOW = 50_000.0
 
 
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def client(server: fakeredis.FakeServer) -> redis.Redis:
-    return fakeredis.FakeRedis(server=server)
-
-
 def read(server: fakeredis.FakeServer, model_id: str = "demo", now: float = NOW) -> EtaInputs:
     async def scenario() -> EtaInputs:
         return await read_inputs(fakeredis.aioredis.FakeRedis(server=server), model_id, now)

@@ -42,16 +42,6 @@ class Clock:
 
 
 @pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def client(server: fakeredis.FakeServer) -> redis.Redis:
-    return fakeredis.FakeRedis(server=server)
-
-
-@pytest.fixture
 def clock() -> Clock:
     return Clock(START)
 

@@ -21,18 +21,9 @@ from dreamq.schedulers import (
     resolve_scheduler_name,
 )
 from workers.schedulers import make_scheduler
-from workers.tiny import write_tiny_sd
 
 # diffusers' k-diffusion schedulers trip numpy 2 deprecations thousands of times per run.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusionPipeline:
-    folder = write_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,8 @@ from PIL import Image
 
 from workers.encode import encode_png
 from workers.pipelines.txt2img import Txt2ImgParams, check_inputs, run
-from workers.tiny import write_tiny_sd
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusionPipeline:
-    folder = write_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
