@@ -222,9 +222,11 @@ class DevStack:
         self._stop.set()
 
     def _stop_children(self) -> None:
+        # SIGTERM to each leader only: a Celery worker then finishes its running job and stops
+        # its own pool (a pool child signalled directly would die mid-job).
         for child in self.children.values():
             if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
+                child.terminate()
         deadline = time.monotonic() + 20
         for child in self.children.values():
             try:

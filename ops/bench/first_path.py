@@ -85,7 +85,7 @@ def main() -> None:
 
     with httpx.Client(base_url=args.url, timeout=30) as client:
         r = redis.Redis.from_url(args.redis_url)
-        client.post("/api/v4/dreambooth", json=body(args.key, 0))  # warm the model
+        submit_to_success(client, r, args.key, 2)  # warm-up: the model loads on first use
         runs = submit_to_success(client, r, args.key, args.jobs)
         accepts = accept_latency(client, args.key, args.submissions)
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -115,15 +115,14 @@ def running(
 
 
 def stop_group(process: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """SIGTERM the leader (a Celery worker stops its own pool), then kill what is left."""
     if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()
+        with suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @dataclass
