@@ -18,7 +18,13 @@ from dreamq.contract import (
     Txt2ImgRequest,
     job_body,
 )
-from dreamq.errors import InvalidApiKey, JobNotFound, ModelNotFound, ServiceUnavailable
+from dreamq.errors import (
+    InvalidApiKey,
+    JobNotFound,
+    ModelNotFound,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from dreamq.queue import Publisher
 from dreamq.registry import Registry
 from dreamq.settings import Settings
@@ -64,8 +70,16 @@ class DreamboothService:
     async def submit_txt2img(self, request: Txt2ImgRequest) -> ProcessingResponse:
         owner = await self.authenticate(request.key)
         assert request.model_id is not None and request.prompt is not None  # validated
-        if self._registry.model(request.model_id) is None:
+        entry = self._registry.model(request.model_id)
+        if entry is None:
             raise ModelNotFound()
+        # Refused here, by name, rather than failed later on a GPU.
+        if entry.kind != "image":
+            raise ValidationFailed({"model_id": [f"The model is a {entry.kind} model."]})
+        if entry.family != "sd15":
+            raise ValidationFailed(
+                {"model_id": [f"{entry.family} models are not served by this deployment yet."]}
+            )
         params = self._txt2img_params(request)
         file_prefix = str(uuid.uuid4())
         links = [self._objects.url(output_key(file_prefix, i)) for i in range(params["samples"])]

@@ -103,7 +103,12 @@ class JobRecord:
     webhook_status: WebhookStatus = WebhookStatus.NONE
 
     def remaining_seconds(self, now: float) -> float:
-        return max(0.0, round(self.eta_at - now, 2))
+        """Seconds until the output is expected: from the submission estimate while queued,
+        from the start and the predicted run time once a worker runs it."""
+        finish = self.eta_at
+        if self.status is JobStatus.PROCESSING and self.started_at is not None:
+            finish = self.started_at + self.predicted_seconds
+        return max(0.0, round(finish - now, 2))
 
 
 _JSON_FIELDS = ("params", "meta", "future_links", "output", "track_id")
@@ -277,12 +282,9 @@ class JobStore:
         args = _transition_args(target, self._ttl, attempts, fields, self._clock())
         return _result(self._transition(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=args))
 
-    def claim(self, job_id: int, *, eta_seconds: float) -> JobRecord | None:
+    def claim(self, job_id: int) -> JobRecord | None:
         """Move a delivered job to processing. None when it is terminal or unknown."""
-        now = self._clock()
-        result = self.transition(
-            job_id, JobStatus.PROCESSING, attempts=1, started_at=now, eta_at=now + eta_seconds
-        )
+        result = self.transition(job_id, JobStatus.PROCESSING, attempts=1, started_at=self._clock())
         return self.get(job_id) if result.applied else None
 
     def succeed(self, job_id: int, *, output: list[str], generation_time: float) -> bool:

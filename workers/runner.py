@@ -50,7 +50,7 @@ class JobRunner:
         self._clock = clock
 
     def run(self, job_id: int) -> None:
-        job = self._jobs.claim(job_id, eta_seconds=self._predicted_seconds(job_id))
+        job = self._jobs.claim(job_id)
         if job is None:
             # Unknown, or already terminal: a duplicate delivery of a finished job.
             log.info("job %s: nothing to do (unknown or finished)", job_id)
@@ -75,10 +75,6 @@ class JobRunner:
             log.info("job %s: success in %.3f s", job_id, run_seconds)
         if finished and job.webhook:
             self._hand_off_webhook(job_id)
-
-    def _predicted_seconds(self, job_id: int) -> float:
-        job = self._jobs.get(job_id)
-        return job.predicted_seconds if job else 0.0
 
     def _generate(self, job: JobRecord) -> tuple[list[str], float]:
         if job.kind != "txt2img":

@@ -40,7 +40,13 @@ def build(**settings: Any) -> Iterator[Api]:
         Settings(public_url="https://api.example.com", **settings),
         Overrides(
             redis_client=fakeredis.aioredis.FakeRedis(server=server),
-            registry=Registry(models={"demo": ModelEntry(source="/models/demo")}),
+            registry=Registry(
+                models={
+                    "demo": ModelEntry(source="/models/demo"),
+                    "xl": ModelEntry(source="/models/xl", family="sdxl"),
+                    "clip": ModelEntry(source="/models/clip", kind="text2video"),
+                }
+            ),
             objects=MemoryObjectStore("https://cdn.example.com"),
             publisher=publisher,
         ),
@@ -123,6 +129,17 @@ def test_unknown_model(api: Api) -> None:
     assert response.json()["message"] == "Model id not found"
 
 
+def test_models_the_deployment_cannot_run_for_text2img_are_refused_by_name(api: Api) -> None:
+    for model_id, message in (
+        ("xl", "sdxl models are not served by this deployment yet."),
+        ("clip", "The model is a text2video model."),
+    ):
+        response = txt2img(api, model_id=model_id)
+        assert response.status_code == 400
+        assert response.json()["message"] == {"model_id": [message]}
+    assert api.publisher.jobs == []
+
+
 def test_validation_errors_name_each_field_and_never_echo_the_key(api: Api) -> None:
     response = api.client.post(
         "/api/v4/dreambooth",
@@ -158,7 +175,7 @@ def test_fetch_processing_then_success(api: Api) -> None:
         assert body["output"] == ""
         assert body["messege"] == body["message"] == "try again later."
         assert body["eta"] >= 0
-    api.jobs.claim(job_id, eta_seconds=1)
+    api.jobs.claim(job_id)
     api.jobs.succeed(job_id, output=["https://cdn.example.com/x.png"], generation_time=1.5)
     body = api.client.post(
         "/api/v4/dreambooth/fetch", json={"key": api.key, "request_id": str(job_id)}

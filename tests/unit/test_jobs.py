@@ -149,12 +149,13 @@ def test_claim_moves_queued_to_processing_and_counts_attempts(
 ) -> None:
     job_id = store.create(new_job())
     clock.now = START + 4
-    job = store.claim(job_id, eta_seconds=20)
+    job = store.claim(job_id)
     assert job is not None
     assert job.status is PROCESSING
     assert job.attempts == 1
     assert job.started_at == START + 4
-    assert job.eta_at == START + 24
+    # Once running, the time left comes from the start and the predicted run time (3.5 s).
+    assert job.remaining_seconds(START + 5) == 2.5
     assert job.updated_at == START + 4
     assert store.active_ids() == [job_id]
 
@@ -163,9 +164,9 @@ def test_a_redelivered_job_is_claimed_again_with_one_more_attempt(
     store: JobStore, clock: Clock
 ) -> None:
     job_id = store.create(new_job())
-    store.claim(job_id, eta_seconds=5)
+    store.claim(job_id)
     clock.now = START + 60
-    again = store.claim(job_id, eta_seconds=5)
+    again = store.claim(job_id)
     assert again is not None
     assert again.status is PROCESSING
     assert again.attempts == 2
@@ -174,7 +175,7 @@ def test_a_redelivered_job_is_claimed_again_with_one_more_attempt(
 
 def test_succeed_is_terminal(store: JobStore, client: redis.Redis, clock: Clock) -> None:
     job_id = store.create(new_job())
-    store.claim(job_id, eta_seconds=5)
+    store.claim(job_id)
     clock.now = START + 9
     assert store.succeed(job_id, output=["https://out.test/a-0.png"], generation_time=1.23456)
     job = store.get(job_id)
@@ -195,7 +196,7 @@ def test_fail_is_terminal_from_queued_and_processing(
 ) -> None:
     job_id = store.create(new_job())
     if claimed:
-        store.claim(job_id, eta_seconds=5)
+        store.claim(job_id)
     assert store.fail(job_id, "model not loaded")
     job = store.get(job_id)
     assert job is not None
@@ -207,25 +208,25 @@ def test_fail_is_terminal_from_queued_and_processing(
 
 def test_non_terminal_records_do_not_expire(store: JobStore, client: redis.Redis) -> None:
     job_id = store.create(new_job())
-    store.claim(job_id, eta_seconds=5)
+    store.claim(job_id)
     assert client.ttl(keys.job(job_id)) == -1
 
 
 def test_only_the_finished_job_leaves_the_active_set(store: JobStore) -> None:
     first, second, third = (store.create(new_job()) for _ in range(3))
-    store.claim(second, eta_seconds=1)
+    store.claim(second)
     store.succeed(second, output=[], generation_time=1)
     assert store.active_ids() == [first, third]
 
 
 def test_success_absorbs(store: JobStore, client: redis.Redis, clock: Clock) -> None:
     job_id = store.create(new_job())
-    store.claim(job_id, eta_seconds=5)
+    store.claim(job_id)
     store.succeed(job_id, output=["u"], generation_time=1.0)
     before = client.hgetall(keys.job(job_id))
     clock.now = START + 100
     assert store.fail(job_id, "late failure") is False
-    assert store.claim(job_id, eta_seconds=5) is None
+    assert store.claim(job_id) is None
     assert store.succeed(job_id, output=["other"], generation_time=2.0) is False
     assert client.hgetall(keys.job(job_id)) == before
 
@@ -235,7 +236,7 @@ def test_failure_absorbs(store: JobStore, client: redis.Redis, clock: Clock) -> 
     store.fail(job_id, "cancelled")
     before = client.hgetall(keys.job(job_id))
     clock.now = START + 100
-    assert store.claim(job_id, eta_seconds=5) is None
+    assert store.claim(job_id) is None
     assert store.succeed(job_id, output=["u"], generation_time=1.0) is False
     assert store.fail(job_id, "again") is False
     assert client.hgetall(keys.job(job_id)) == before
@@ -283,7 +284,7 @@ def test_unknown_ids_are_never_written(store: JobStore, client: redis.Redis, eve
     result = store.transition(999, PROCESSING)
     assert result.applied is False
     assert result.previous is None
-    assert store.claim(999, eta_seconds=5) is None
+    assert store.claim(999) is None
     assert store.succeed(999, output=["u"], generation_time=1.0) is False
     assert store.fail(999, "x") is False
     assert store.set_webhook_status(999, WebhookStatus.SENT) is False
@@ -294,10 +295,10 @@ def test_unknown_ids_are_never_written(store: JobStore, client: redis.Redis, eve
 
 def test_requeue_from_processing_keeps_the_job_active(store: JobStore) -> None:
     job_id = store.create(new_job())
-    store.claim(job_id, eta_seconds=5)
+    store.claim(job_id)
     assert store.transition(job_id, QUEUED).applied
     assert store.active_ids() == [job_id]
-    job = store.claim(job_id, eta_seconds=5)
+    job = store.claim(job_id)
     assert job is not None
     assert job.attempts == 2
 
@@ -307,7 +308,7 @@ def test_requeue_from_processing_keeps_the_job_active(store: JobStore) -> None:
 
 def test_terminal_transitions_publish_id_and_status(store: JobStore, events: Any) -> None:
     done, failed = store.create(new_job()), store.create(new_job())
-    store.claim(done, eta_seconds=5)
+    store.claim(done)
     assert published(events) == []  # claims are not announced
     store.succeed(done, output=["u"], generation_time=1.0)
     store.fail(failed, "boom")
@@ -327,7 +328,7 @@ def test_set_webhook_status_publishes_and_keeps_the_ttl(
     store: JobStore, client: redis.Redis, events: Any
 ) -> None:
     job_id = store.create(new_job(webhook="https://hooks.test/x"))
-    store.claim(job_id, eta_seconds=5)
+    store.claim(job_id)
     store.succeed(job_id, output=["u"], generation_time=1.0)
     published(events)
 
@@ -357,7 +358,7 @@ def test_random_operation_sequences_keep_terminal_states_absorbing(
         clock.now += 1
         op = rng.choice(["claim", "succeed", "fail", "requeue"])
         if op == "claim":
-            applied = store.claim(job_id, eta_seconds=3) is not None
+            applied = store.claim(job_id) is not None
             target = PROCESSING
         elif op == "succeed":
             applied = store.succeed(job_id, output=["u"], generation_time=1.0)
@@ -432,7 +433,7 @@ def test_async_fail_after_success_and_on_unknown_ids_is_refused(
     server: fakeredis.FakeServer, store: JobStore
 ) -> None:
     job_id = store.create(new_job())
-    store.claim(job_id, eta_seconds=1)
+    store.claim(job_id)
     store.succeed(job_id, output=["u"], generation_time=1.0)
 
     async def scenario() -> tuple[bool, bool, Any]:
