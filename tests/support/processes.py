@@ -167,6 +167,9 @@ class JobEvents:
     """Subscribed to the job events channel before a test acts, so no event can be missed."""
 
     def __init__(self, client: redis.Redis) -> None:
+        # Keep the client: once it is collected, redis-py closes its pool, and with it the
+        # subscribed connection, which then silently hears nothing.
+        self._client = client
         self._pubsub = client.pubsub()
         self._pubsub.subscribe(keys.JOB_EVENTS)
         self._pubsub.get_message(timeout=5)  # the subscribe confirmation
