@@ -79,8 +79,9 @@ class JobRunner:
     def _generate(self, job: JobRecord) -> tuple[list[str], float]:
         if job.kind != "txt2img":
             raise PublicJobError(f"This worker cannot run {job.kind} jobs.")
-        params = txt2img.Txt2ImgParams.from_job(job.params)
         try:
+            params = txt2img.Txt2ImgParams.from_job(job.params)
+            # Checked before the model is loaded: a job it cannot run fails without the cost.
             txt2img.check_inputs(params)
         except ValueError as exc:
             raise PublicJobError(str(exc)) from exc

@@ -99,9 +99,9 @@ def run(
     caller; ``default_scheduler`` (a registry setting) names the scheduler used when the request
     names none, else the model's own class is used. ``on_step(done, total)`` is called after each
     denoising step; ``total`` counts the scheduler's timesteps, not ``steps``: ``2 * steps - 1``
-    for second-order samplers (Heun, DPM2), ``steps + 1`` for PLMS.
+    for second-order samplers (Heun, DPM2), ``steps + 1`` for PLMS. The caller runs
+    ``check_inputs`` first (the runner does, before it loads the model).
     """
-    check_inputs(params)
     pipe.scheduler = make_scheduler(
         _choice(params.scheduler or default_scheduler, default_scheduler_config),
         dict(default_scheduler_config),
