@@ -1,12 +1,22 @@
-"""The model registry: a YAML file naming the models (later LoRAs, embeddings, VAEs) served.
+"""The model registry: a YAML file naming the models, adapters and helper models served.
 
 ```yaml
 models:
   demo: {source: /abs/path/to/diffusers-folder}          # from_pretrained
   photo: {source: /models/photo.safetensors, config: /models/sd15-config}  # from_single_file
-loras: {}        # id -> {source: ...}
-embeddings: {}   # id -> {source: ..., token: ...}
-vaes: {}         # id -> {source: ...}
+  xl: {source: /models/sdxl, family: sdxl}
+  fill: {source: /models/sd15-inpainting, kind: inpaint}  # a 9-channel inpainting UNet
+  clip: {source: /models/text-to-video, kind: text2video}
+loras:           # id -> {source, family}: a LoRA folder or .safetensors file
+  detail: {source: /loras/more_details.safetensors}
+embeddings:      # id -> {source, token, family}: textual inversion
+  easyneg: {source: /embeddings/easynegative.safetensors, token: easynegative}
+vaes:            # id -> {source, family}: an AutoencoderKL folder or file
+  mse: {source: /vaes/sd-vae-ft-mse}
+# Optional helper models; a request field that needs a missing one is refused by name.
+safety_checker: {source: /models/stable-diffusion-safety-checker}   # safety_checker
+upscaler: {source: /models/stable-diffusion-x4-upscaler}            # upscale
+translator: {source: /models/opus-mt-mul-en}                        # multi_lingual
 ```
 
 Relative sources resolve against the registry file's folder. Both the API (which ids exist) and the
@@ -16,7 +26,7 @@ workers (where the weights are) read it; neither imports the other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,6 +75,12 @@ class VaeEntry(_Entry):
     family: ModelFamily = "sd15"
 
 
+class HelperEntry(_Entry):
+    """A helper model: safety checker (a CLIP safety checker folder with its preprocessor),
+    upscaler (a StableDiffusionUpscalePipeline folder, x4) or translator (a transformers
+    sequence-to-sequence translation model into English)."""
+
+
 class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,9 +88,15 @@ class Registry(BaseModel):
     loras: dict[str, LoraEntry] = Field(default_factory=dict)
     embeddings: dict[str, EmbeddingEntry] = Field(default_factory=dict)
     vaes: dict[str, VaeEntry] = Field(default_factory=dict)
+    safety_checker: HelperEntry | None = None
+    upscaler: HelperEntry | None = None
+    translator: HelperEntry | None = None
 
     def model(self, model_id: str) -> ModelEntry | None:
         return self.models.get(model_id)
+
+
+HELPERS = ("safety_checker", "upscaler", "translator")
 
 
 class RegistryError(ValueError):
@@ -97,14 +119,16 @@ def load_registry(path: Path) -> Registry:
     if not isinstance(data, dict):
         raise RegistryError(f"invalid model registry {path}: the top level must be a mapping")
     base = path.parent
+    entries: list[Any] = [data.get(helper) for helper in HELPERS]
     for section in ("models", "loras", "embeddings", "vaes"):
-        entries = data.get(section)
         # A section that is not a mapping is left for validation to report.
-        for entry in entries.values() if isinstance(entries, dict) else ():
-            if isinstance(entry, dict):
-                for name in ("source", "config"):
-                    if isinstance(entry.get(name), str):
-                        entry[name] = _resolve(entry[name], base)
+        if isinstance(data.get(section), dict):
+            entries += data[section].values()
+    for entry in entries:
+        if isinstance(entry, dict):
+            for name in ("source", "config"):
+                if isinstance(entry.get(name), str):
+                    entry[name] = _resolve(entry[name], base)
     try:
         return Registry.model_validate(data)
     except ValidationError as exc:
