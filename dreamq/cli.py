@@ -127,9 +127,17 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print a JSON object")
     create.set_defaults(func=cmd_keys_create)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight pipeline (offline)")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model (offline)")
     tiny.add_argument("directory")
-    tiny.add_argument("--kind", default="sd", choices=["sd"])
+    # Spelled out rather than read from workers.tiny, which would import torch into every command.
+    tiny_kinds = ["sd", "sdxl", "video", "inpaint", "lora", "lora-sdxl", "embedding", "vae"]
+    tiny_kinds += ["safety-checker", "upscaler", "translator", "demo"]
+    tiny.add_argument(
+        "--kind",
+        default="sd",
+        choices=tiny_kinds,
+        help="demo: all of them plus the registry YAML of `dreamq dev` (its path is printed)",
+    )
     tiny.set_defaults(func=cmd_tiny_model)
 
     dev = sub.add_parser("dev", help="run the whole stack on this machine")

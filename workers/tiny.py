@@ -2,7 +2,9 @@
 
 No weights can be downloaded here, so tests, demos and ``dreamq tiny-model`` build these in code
 (the way diffusers' own tests do) and load them back through the same ``from_pretrained`` /
-``from_single_file`` paths a real model takes.
+``from_single_file`` paths a real model takes. This module holds SD 1.5 (plain, inpainting, and
+as one LDM-layout file), the demo registry and the ``tiny-model`` entry point, and re-exports the
+other writers (``workers.tiny_extra``: SDXL, video, adapters, helper models).
 """
 
 from __future__ import annotations
@@ -10,119 +12,108 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 # Concrete module paths: through the package root, mypy resolves the dummy placeholder classes.
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
+    StableDiffusionInpaintPipeline,
+)
 from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
+
+from dreamq.registry import (
+    EmbeddingEntry,
+    HelperEntry,
+    LoraEntry,
+    ModelEntry,
+    Registry,
+    VaeEntry,
+    write_registry,
+)
+from workers.tiny_extra import (
+    build_tiny_sdxl,
+    write_tiny_embedding,
+    write_tiny_lora,
+    write_tiny_safety_checker,
+    write_tiny_sdxl,
+    write_tiny_translator,
+    write_tiny_upscaler,
+    write_tiny_vae,
+    write_tiny_video,
+)
+from workers.tiny_parts import (
+    SD_SCHEDULE,
+    seeded,
+    tiny_text_config,
+    tiny_tokenizer,
+    tiny_unet,
+    tiny_vae,
+)
+
+__all__ = [
+    "build_tiny_sd",
+    "build_tiny_sd_inpaint",
+    "build_tiny_sdxl",
+    "main_tiny_model",
+    "tiny_tokenizer",
+    "to_ldm_checkpoint",
+    "write_demo_registry",
+    "write_tiny_embedding",
+    "write_tiny_lora",
+    "write_tiny_safety_checker",
+    "write_tiny_sd",
+    "write_tiny_sd_single_file",
+    "write_tiny_sdxl",
+    "write_tiny_translator",
+    "write_tiny_upscaler",
+    "write_tiny_vae",
+    "write_tiny_video",
+]
 
 SINGLE_FILE_NAME = "tiny-sd.safetensors"
 CONFIG_FOLDER_NAME = "config"
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2's printable stand-in for each of the 256 byte values (CLIP's byte-level BPE base)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = list(printable)
-    shifted = 0
-    for byte in range(256):
-        if byte not in printable:
-            chars.append(256 + shifted)
-            shifted += 1
-    return [chr(c) for c in chars]
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    # transformers ships no tokenizer files and CLIPTokenizer(vocab_file=...) returns garbage ids in
-    # transformers 5; an in-memory byte-level vocabulary with no merges tokenizes any text.
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for char in _byte_alphabet():
-            vocab[char + suffix] = len(vocab)
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=[],
-        model_max_length=77,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
+def _sd_components(seed: int, in_channels: int) -> dict[str, Any]:
+    tokenizer = tiny_tokenizer()
+    with seeded(seed):
+        unet = tiny_unet(in_channels=in_channels)
+        vae = tiny_vae()
+        text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer)))
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        # SD 1.5's own scheduler config (its model_index.json names PNDMScheduler).
+        "scheduler": PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
 
 
 def build_tiny_sd(*, seed: int = 0) -> StableDiffusionPipeline:
     """The tiny pipeline in memory; the same seed gives the same weights."""
-    tokenizer = tiny_tokenizer()
-    # fork_rng keeps the caller's global RNG untouched while the weights are drawn from `seed`.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=64,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=37,
-                max_position_embeddings=77,
-                vocab_size=len(tokenizer),
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
-    # SD 1.5's own scheduler config (its model_index.json names PNDMScheduler).
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return StableDiffusionPipeline(**_sd_components(seed, in_channels=4))
 
 
-def write_tiny_sd(directory: Path, *, seed: int = 0) -> Path:
-    """Save the tiny pipeline as a diffusers folder that ``from_pretrained(directory)`` loads."""
+def build_tiny_sd_inpaint(*, seed: int = 0) -> StableDiffusionInpaintPipeline:
+    """The tiny inpainting pipeline: a 9-channel UNet (latents, mask, masked-image latents), the
+    layout of SD 1.5's inpainting checkpoint."""
+    return StableDiffusionInpaintPipeline(**_sd_components(seed, in_channels=9))
+
+
+def write_tiny_sd(directory: Path, *, seed: int = 0, inpaint: bool = False) -> Path:
+    """Save the tiny pipeline as a diffusers folder that ``from_pretrained(directory)`` loads
+    (``StableDiffusionInpaintPipeline`` for ``inpaint=True``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_sd(seed=seed).save_pretrained(directory, safe_serialization=True)
+    pipe = build_tiny_sd_inpaint(seed=seed) if inpaint else build_tiny_sd(seed=seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
     return directory
 
 
@@ -148,11 +139,99 @@ def write_tiny_sd_single_file(directory: Path, *, seed: int = 0) -> tuple[Path, 
     return file, config_folder
 
 
+DEMO_EMBEDDING_TOKEN = "<demo-embedding>"
+_DEMO_HEADER = """\
+# The demo models of `dreamq dev`: tiny random-weight models written by
+# `dreamq tiny-model DIR --kind demo` (workers.tiny.write_demo_registry). Their images are noise.
+# The safety checker flags EVERY image as NSFW, so that `safety_checker: yes` visibly acts.
+"""
+
+
+def write_demo_registry(directory: Path) -> Path:
+    """Write every tiny model under ``directory`` and a registry naming them; returns the
+    ``models.yaml`` path (sources relative to it).
+
+    Ids: models ``demo``, ``demo-xl``, ``demo-video``, ``demo-inpaint``; LoRAs ``demo-lora-a``,
+    ``demo-lora-b``, ``demo-lora-xl``; embedding ``demo-embedding`` (token ``<demo-embedding>``);
+    VAEs ``demo-vae``, ``demo-vae-xl``; and the safety checker (which flags every image, so the
+    feature shows in a demo), upscaler and translator helpers. Rewriting gives the same files.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    embedding = write_tiny_embedding(
+        directory / "embeddings" / "demo-embedding", token=DEMO_EMBEDDING_TOKEN
+    )
+    sources = {
+        "demo": write_tiny_sd(directory / "demo"),
+        "demo-xl": write_tiny_sdxl(directory / "demo-xl"),
+        "demo-video": write_tiny_video(directory / "demo-video"),
+        "demo-inpaint": write_tiny_sd(directory / "demo-inpaint", inpaint=True),
+        "demo-lora-a": write_tiny_lora(directory / "loras" / "demo-lora-a", seed=1),
+        "demo-lora-b": write_tiny_lora(directory / "loras" / "demo-lora-b", seed=2),
+        "demo-lora-xl": write_tiny_lora(directory / "loras" / "demo-lora-xl", family="sdxl"),
+        # Both tiny pipelines share one VAE architecture, so one folder serves both families.
+        "demo-vae": write_tiny_vae(directory / "vaes" / "demo-vae"),
+        "safety_checker": write_tiny_safety_checker(
+            directory / "safety-checker", flag_everything=True
+        ),
+        "upscaler": write_tiny_upscaler(directory / "upscaler"),
+        "translator": write_tiny_translator(directory / "translator"),
+    }
+    rel = {name: str(path.relative_to(directory)) for name, path in sources.items()}
+    registry = Registry(
+        models={
+            "demo": ModelEntry(source=rel["demo"]),
+            "demo-xl": ModelEntry(source=rel["demo-xl"], family="sdxl"),
+            "demo-video": ModelEntry(source=rel["demo-video"], kind="text2video"),
+            "demo-inpaint": ModelEntry(source=rel["demo-inpaint"], kind="inpaint"),
+        },
+        loras={
+            "demo-lora-a": LoraEntry(source=rel["demo-lora-a"]),
+            "demo-lora-b": LoraEntry(source=rel["demo-lora-b"]),
+            "demo-lora-xl": LoraEntry(source=rel["demo-lora-xl"], family="sdxl"),
+        },
+        embeddings={
+            "demo-embedding": EmbeddingEntry(
+                source=str(embedding.relative_to(directory)), token=DEMO_EMBEDDING_TOKEN
+            )
+        },
+        vaes={
+            "demo-vae": VaeEntry(source=rel["demo-vae"]),
+            "demo-vae-xl": VaeEntry(source=rel["demo-vae"], family="sdxl"),
+        },
+        safety_checker=HelperEntry(source=rel["safety_checker"]),
+        upscaler=HelperEntry(source=rel["upscaler"]),
+        translator=HelperEntry(source=rel["translator"]),
+    )
+    path = directory / "models.yaml"
+    write_registry(path, registry)
+    path.write_text(_DEMO_HEADER + path.read_text())
+    return path
+
+
+TINY_KINDS: dict[str, Callable[[Path], Path]] = {
+    "sd": write_tiny_sd,
+    "sdxl": write_tiny_sdxl,
+    "video": write_tiny_video,
+    "inpaint": lambda directory: write_tiny_sd(directory, inpaint=True),
+    "lora": write_tiny_lora,
+    "lora-sdxl": lambda directory: write_tiny_lora(directory, family="sdxl"),
+    "embedding": write_tiny_embedding,
+    "vae": write_tiny_vae,
+    "safety-checker": write_tiny_safety_checker,
+    "upscaler": write_tiny_upscaler,
+    "translator": write_tiny_translator,
+    "demo": write_demo_registry,
+}
+"""``dreamq tiny-model --kind`` choices: each writes into a folder and returns what it wrote."""
+
+
 def main_tiny_model(directory: Path, kind: str = "sd") -> Path:
-    """Entry point of ``dreamq tiny-model DIR``: writes a tiny model folder and returns it."""
-    if kind != "sd":
-        raise ValueError(f"unknown tiny model kind {kind!r}; supported: 'sd'")
-    return write_tiny_sd(directory)
+    """Entry point of ``dreamq tiny-model DIR``: writes one tiny model (``demo``: all of them
+    and their registry) and returns the path a loader takes (``demo``: the registry file)."""
+    writer = TINY_KINDS.get(kind)
+    if writer is None:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    return writer(directory)
 
 
 # --- diffusers -> original CompVis/LDM layout -------------------------------------------------
