@@ -57,6 +57,11 @@ def make_scheduler(
         overrides["use_karras_sigmas"] = (
             choice.karras if choice.karras is not None else use_karras_sigmas
         )
+    if choice.class_name == "PNDMScheduler" and "skip_prk_steps" not in config:
+        # PLMS, as SD's own config has it: PNDM's default Runge-Kutta warm-up needs at least 4
+        # steps (fewer raise in set_timesteps), and a config from another class (ModelScope's
+        # DDIM) does not say.
+        overrides["skip_prk_steps"] = True
     algorithm = choice.algorithm_type or resolve_algorithm_type(algorithm_type)
     if algorithm in DPMSOLVER_ALGORITHM_TYPES.get(choice.class_name, frozenset()):
         overrides["algorithm_type"] = algorithm

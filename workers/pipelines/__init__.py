@@ -1,1 +1,3 @@
-"""One module per pipeline kind, each with check_inputs and run."""
+"""One module per pipeline kind (txt2img, img2img, inpaint, text2video; panorama holds the fixed
+MultiDiffusion pipeline), plus what they share: ``common`` (seeding, progress, sizing) and
+``features`` (per-job LoRA, embedding, VAE, token merging). workers/generate.py drives them."""
