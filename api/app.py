@@ -7,9 +7,11 @@ with fakes, and `dreamq api` with real services from the settings.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
@@ -24,6 +26,7 @@ from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
 from storage.apikeys import AsyncApiKeyStore
 from storage.jobs import AsyncJobStore
+from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX, input_key
 from storage.objects import LocalDirObjectStore, ObjectStore, open_object_store
 
 log = logging.getLogger("dreamq.api")
@@ -90,15 +93,28 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         @app.get("/files/{key:path}", tags=["outputs"], include_in_schema=False)
         async def files(key: str) -> FileResponse:
             """Outputs of the local-directory store (the embedded default)."""
+            # Inputs are the clients' own uploads, stored for the worker, never served back.
+            if key.startswith(INPUTS_PREFIX):
+                raise HTTPException(404)
             try:
                 path = local.path_for(key)
             except ValueError:
                 raise HTTPException(404) from None
-            if not path.is_file():
+            if not path.is_file() or _expired(key, path):
                 raise HTTPException(404)
             return FileResponse(path)
 
     return app
+
+
+INPUTS_PREFIX = input_key("x", "y").rsplit("/", 1)[0] + "/"
+
+
+def _expired(key: str, path: Path) -> bool:
+    """The local store's stand-in for the bucket lifecycle rule of `temp: "yes"` outputs."""
+    if not key.startswith(TEMP_PREFIX):
+        return False
+    return time.time() - path.stat().st_mtime > TEMP_LIFETIME_SECONDS
 
 
 def _registry(settings: Settings) -> Registry:

@@ -12,9 +12,15 @@ from dreamq.contract import (
     FailedResponse,
     FetchProcessingResponse,
     FetchRequest,
+    Img2ImgRequest,
+    InpaintRequest,
     KeyOnlyRequest,
+    ModelListItem,
+    ModelReloadResponse,
+    ModelRequest,
     ProcessingResponse,
     SuccessResponse,
+    Text2VideoRequest,
     Txt2ImgRequest,
 )
 
@@ -26,6 +32,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 FetchAnswer = SuccessResponse | FetchProcessingResponse | FailedResponse
 
 TXT2IMG_PATHS = ["/api/v4/dreambooth", "/api/v6/images/text2img"]
+IMG2IMG_PATHS = ["/api/v4/dreambooth/img2img", "/api/v6/images/img2img"]
+INPAINT_PATHS = ["/api/v4/dreambooth/inpaint", "/api/v6/images/inpaint"]
+TEXT2VIDEO_PATHS = ["/api/v4/dreambooth/text2video", "/api/v6/video/text2video"]
 FETCH_PATHS = ["/api/v4/dreambooth/fetch", "/api/v6/images/fetch"]
 FETCH_BY_ID_PATHS = [
     "/api/v4/dreambooth/fetch/{id}",
@@ -33,11 +42,38 @@ FETCH_BY_ID_PATHS = [
     "/api/v3/dreambooth/fetch/{id}",
     "/api/v6/images/fetch/{id}",
 ]
+MODEL_RELOAD_PATHS = ["/api/v4/dreambooth/model_reload", "/api/v6/images/model_reload"]
+MODEL_LIST_PATHS = ["/api/v4/dreambooth/model_list"]
 
 
 async def text2img(body: Txt2ImgRequest, service: Service) -> ProcessingResponse:
     """Text to image (also LoRA and multi-LoRA). Answers at once with an id and an ETA."""
-    return await service.submit_txt2img(body)
+    return await service.submit("txt2img", body)
+
+
+async def img2img(body: Img2ImgRequest, service: Service) -> ProcessingResponse:
+    """Image to image from init_image (a URL or base64). Answers at once with an id and an ETA."""
+    return await service.submit("img2img", body)
+
+
+async def inpaint(body: InpaintRequest, service: Service) -> ProcessingResponse:
+    """Repaint the white part of mask_image in init_image. Answers at once with an id and ETA."""
+    return await service.submit("inpaint", body)
+
+
+async def text2video(body: Text2VideoRequest, service: Service) -> ProcessingResponse:
+    """A video (mp4 or gif) from a prompt. Answers at once with an id and an ETA."""
+    return await service.submit("text2video", body)
+
+
+async def model_reload(body: ModelRequest, service: Service) -> ModelReloadResponse:
+    """Load a model on the workers now (models idle for long are unloaded)."""
+    return await service.model_reload(body)
+
+
+async def model_list(body: KeyOnlyRequest, service: Service) -> list[ModelListItem]:
+    """The models this deployment serves."""
+    return await service.model_list(body.key)
 
 
 async def fetch(body: FetchRequest, service: Service) -> FetchAnswer:
@@ -55,6 +91,11 @@ async def fetch_by_id(
 
 for _endpoint, _paths, _tag in (
     (text2img, TXT2IMG_PATHS, "generation"),
+    (img2img, IMG2IMG_PATHS, "generation"),
+    (inpaint, INPAINT_PATHS, "generation"),
+    (text2video, TEXT2VIDEO_PATHS, "generation"),
+    (model_reload, MODEL_RELOAD_PATHS, "models"),
+    (model_list, MODEL_LIST_PATHS, "models"),
     (fetch, FETCH_PATHS, "fetch"),
     (fetch_by_id, FETCH_BY_ID_PATHS, "fetch"),
 ):

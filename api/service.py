@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import logging
 import secrets
 import time
@@ -12,31 +13,52 @@ from typing import Any
 import anyio.to_thread
 import redis.asyncio as aioredis
 
+from dreamq.capabilities import refusals
 from dreamq.contract import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
     FetchResponse,
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintRequest,
+    ModelListItem,
+    ModelReloadResponse,
+    ModelRequest,
     ProcessingResponse,
+    Text2VideoRequest,
     Txt2ImgRequest,
+    attribute,
     job_body,
 )
 from dreamq.errors import (
+    FieldErrors,
     InvalidApiKey,
     JobNotFound,
     ModelNotFound,
     ServiceUnavailable,
     ValidationFailed,
 )
+from dreamq.jobparams import (
+    SAFETY_ACTIONS,
+    ImageInput,
+    JobKind,
+    JobParams,
+    LoraChoice,
+    OutputFormat,
+)
 from dreamq.queue import Publisher
 from dreamq.registry import Registry
 from dreamq.settings import Settings
-from storage import eta
+from storage import eta, keys
 from storage.apikeys import AsyncApiKeyStore, KeyInfo
 from storage.jobs import AsyncJobStore, NewJob
-from storage.layout import output_key
+from storage.layout import input_key, output_key
 from storage.objects import ObjectStore
 
 log = logging.getLogger("dreamq.api")
 
-DEFAULTS = {"width": 512, "height": 512, "samples": 1, "steps": 30, "guidance_scale": 7.5}
+DEFAULTS: dict[str, int] = {"width": 512, "height": 512, "samples": 1, "steps": 30}
+DEFAULT_GUIDANCE = 7.5
 
 
 class DreamboothService:
@@ -67,25 +89,32 @@ class DreamboothService:
             raise InvalidApiKey()
         return info
 
-    async def submit_txt2img(self, request: Txt2ImgRequest) -> ProcessingResponse:
+    async def submit(self, kind: JobKind, request: GenerationRequest) -> ProcessingResponse:
+        """Accept a generation request of any kind: validate it against the registry, persist
+        the job, publish it, and answer its id and ETA at once."""
         owner = await self.authenticate(request.key)
         assert request.model_id is not None and request.prompt is not None  # validated
         entry = self._registry.model(request.model_id)
         if entry is None:
             raise ModelNotFound()
-        # Refused here, by name, rather than failed later on a GPU.
-        if entry.kind != "image":
-            raise ValidationFailed({"model_id": [f"The model is a {entry.kind} model."]})
-        if entry.family != "sd15":
-            raise ValidationFailed(
-                {"model_id": [f"{entry.family} models are not served by this deployment yet."]}
-            )
-        params = self._txt2img_params(request)
         file_prefix = str(uuid.uuid4())
-        links = [self._objects.url(output_key(file_prefix, i)) for i in range(params["samples"])]
-        meta = _meta(request.model_id, params, file_prefix)
+        params = self._params(kind, request, file_prefix)
+        # Refused here, by name, rather than failed later on a GPU.
+        errors = refusals(entry, params, self._registry)
+        if errors:
+            raise ValidationFailed(errors)
+        params = await self._store_inputs(request, params, file_prefix)
+        extension = params.output_format
+        links = [
+            self._objects.url(output_key(file_prefix, i, extension, temp=params.temp))
+            for i in range(params.outputs)
+        ]
+        meta = _meta(request.model_id, params, request, file_prefix)
         units = eta.work_units(
-            params["width"], params["height"], params["steps"], params["samples"]
+            params.width or DEFAULTS["width"],
+            params.height or DEFAULTS["height"],
+            params.steps,
+            params.samples * (params.num_frames or 1),
         )
         inputs = await eta.read_inputs(self._redis, request.model_id, self._clock())
         run_seconds = eta.predicted_run_seconds(inputs, units, self._settings.default_eta_seconds)
@@ -94,8 +123,8 @@ class DreamboothService:
             NewJob(
                 owner=owner.id,
                 model_id=request.model_id,
-                kind="txt2img",
-                params=params,
+                kind=kind,
+                params=params.to_dict(),
                 meta=meta,
                 file_prefix=file_prefix,
                 future_links=links,
@@ -113,6 +142,30 @@ class DreamboothService:
             meta=meta,
             future_links=links,
         )
+
+    async def model_reload(self, request: ModelRequest) -> ModelReloadResponse:
+        """Ask every worker serving the model to load it now; answers with the load's ETA."""
+        await self.authenticate(request.key)
+        assert request.model_id is not None  # validated
+        if self._registry.model(request.model_id) is None:
+            raise ModelNotFound()
+        load_seconds = await eta.read_load_seconds(self._redis, request.model_id)
+        listeners = await self._redis.publish(keys.CONTROL, f"warm {request.model_id}")
+        log.info("model %s: reload asked of %s worker processes", request.model_id, listeners)
+        return ModelReloadResponse(eta=round(load_seconds or self._settings.default_eta_seconds, 2))
+
+    async def model_list(self, key: str | None) -> list[ModelListItem]:
+        await self.authenticate(key)
+        return [
+            ModelListItem(
+                model_id=model_id,
+                model_name=model_id,
+                model_category=_CATEGORIES[(entry.family, entry.kind)],
+                family=entry.family,
+                kind=entry.kind,
+            )
+            for model_id, entry in self._registry.models.items()
+        ]
 
     async def fetch(self, key: str | None, job_id: int) -> FetchResponse:
         owner = await self.authenticate(key)
@@ -132,24 +185,27 @@ class DreamboothService:
             await self._jobs.fail(job_id, "The queue is unavailable; the job was not started.")
             raise ServiceUnavailable("The queue is unavailable, try again later.") from None
 
-    def _txt2img_params(self, request: Txt2ImgRequest) -> dict[str, Any]:
-        steps = min(request.num_inference_steps or DEFAULTS["steps"], self._settings.max_steps)
+    def _params(self, kind: JobKind, request: GenerationRequest, file_prefix: str) -> JobParams:
+        """The effective parameters: defaults applied, caps applied, aliases resolved."""
+        steps = request.num_inference_steps
+        if steps is None and isinstance(request, InpaintRequest):
+            steps = request.steps  # [compat] the hosted inpaint docs call it steps
         scheduler = request.scheduler
         algorithm = request.algorithm_type
         if algorithm is not None and scheduler is None:
             # An algorithm type names a DPMSolver variant; with no scheduler it selects that one.
             scheduler = "DPMSolverMultistepScheduler"
-        return {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "width": request.width or DEFAULTS["width"],
-            "height": request.height or DEFAULTS["height"],
-            "samples": request.samples or DEFAULTS["samples"],
-            "steps": steps,
+        prompt, negative = request.prompt or "", request.negative_prompt
+        image_size = isinstance(request, Img2ImgRequest)
+        common: dict[str, Any] = {
+            "kind": kind,
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "width": request.width or (None if image_size else DEFAULTS["width"]),
+            "height": request.height or (None if image_size else DEFAULTS["height"]),
+            "steps": min(steps or DEFAULTS["steps"], self._settings.max_steps),
             "guidance_scale": (
-                request.guidance_scale
-                if request.guidance_scale is not None
-                else DEFAULTS["guidance_scale"]
+                request.guidance_scale if request.guidance_scale is not None else DEFAULT_GUIDANCE
             ),
             "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
             "scheduler": scheduler,
@@ -158,31 +214,182 @@ class DreamboothService:
             ),
             "algorithm_type": algorithm,
         }
+        if isinstance(request, Text2VideoRequest):
+            fps = request.fps or DEFAULT_FPS
+            frames = request.num_frames
+            if frames is None:
+                frames = round(request.seconds * fps) if request.seconds else DEFAULT_FRAMES
+            output_format: OutputFormat = "gif" if request.output_type == "gif" else "mp4"
+            return JobParams(**common, num_frames=frames, fps=fps, output_format=output_format)
+        assert isinstance(request, Txt2ImgRequest)
+        if request.enhance_prompt:
+            common["prompt"] = f"{prompt}{ENHANCE_SUFFIX}"
+            common["negative_prompt"] = (
+                f"{negative}, {ENHANCE_NEGATIVE}" if negative else ENHANCE_NEGATIVE
+            )
+        strengths = request.lora_strength or (1.0,)
+        loras = tuple(
+            LoraChoice(lora_id, strengths[index] if len(strengths) > 1 else strengths[0])
+            for index, lora_id in enumerate(request.lora_ids)
+        )
+        safety_type = request.safety_checker_type or "black"
+        assert safety_type in SAFETY_ACTIONS  # validated
+        extra: dict[str, Any] = {}
+        if isinstance(request, Img2ImgRequest):
+            extra["strength"] = request.strength if request.strength is not None else 0.7
+            extra["init_image"] = _image_ref(request.init_image, file_prefix, "init_image")
+        if isinstance(request, InpaintRequest):
+            extra["mask_image"] = _image_ref(request.mask_image, file_prefix, "mask_image")
+        return JobParams(
+            **common,
+            samples=request.samples or DEFAULTS["samples"],
+            loras=loras,
+            embedding=request.embeddings_model,
+            vae=request.vae,
+            clip_skip=request.clip_skip or 1,
+            safety_checker=bool(request.safety_checker),
+            safety_checker_type=safety_type,
+            tomesd=bool(request.tomesd),
+            panorama=bool(request.panorama),
+            self_attention=bool(request.self_attention),
+            upscale=request.upscale or 1,
+            highres_fix=bool(request.highres_fix),
+            multi_lingual=bool(request.multi_lingual),
+            base64=bool(request.base64),
+            temp=bool(request.temp),
+            **extra,
+        )
+
+    async def _store_inputs(
+        self, request: GenerationRequest, params: JobParams, file_prefix: str
+    ) -> JobParams:
+        """Decode base64 input images into the object store: job records stay small, and the
+        worker reads every input the same way."""
+        if not isinstance(request, Img2ImgRequest):
+            return params
+        errors: FieldErrors = {}
+        decoded: dict[str, bytes] = {}
+        uses_base64 = bool(request.base64)
+        for field in ("init_image", "mask_image"):
+            value = getattr(request, field, None)
+            if value is None or _is_url(value):
+                continue
+            try:
+                decoded[field] = decode_image_base64(
+                    value, explicit=uses_base64, max_bytes=self._settings.input_max_bytes
+                )
+            except ValueError as exc:
+                errors[field] = [f"The {attribute(field)} {exc}"]
+        if errors:
+            raise ValidationFailed(errors)
+        for field, data in decoded.items():
+            key = input_key(file_prefix, field)
+            await anyio.to_thread.run_sync(self._objects.put, key, data, "application/octet-stream")
+        return params
 
 
-def _meta(model_id: str, params: dict[str, Any], file_prefix: str) -> dict[str, Any]:
+ENHANCE_SUFFIX = ", highly detailed, sharp focus, professional photography, 8k"
+ENHANCE_NEGATIVE = "blurry, low quality, deformed, distorted, watermark, text"
+
+_CATEGORIES = {
+    ("sd15", "image"): "stable_diffusion",
+    ("sd15", "inpaint"): "stable_diffusion_inpaint",
+    ("sd15", "text2video"): "text_to_video",
+    ("sdxl", "image"): "stable_diffusion_xl",
+    ("sdxl", "inpaint"): "stable_diffusion_xl_inpaint",
+    ("sdxl", "text2video"): "text_to_video",
+}
+
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+def _is_url(value: str) -> bool:
+    return value.strip().lower().startswith(("http://", "https://"))
+
+
+def _image_ref(value: str | None, file_prefix: str, field: str) -> ImageInput:
+    assert value is not None  # validated: required
+    if _is_url(value):
+        return ImageInput(url=value.strip())
+    return ImageInput(object_key=input_key(file_prefix, field))
+
+
+def decode_image_base64(value: str, *, explicit: bool, max_bytes: int) -> bytes:
+    """The bytes of a base64 image, checked strictly; ValueError's text completes "The <field> ".
+
+    [compat] A ``data:image/...;base64,`` prefix marks base64 without the ``base64`` flag.
+    """
+    text = value.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError("must be base64 data (a data: URL with ;base64).")
+    elif not explicit:
+        raise ValueError('must be an http(s) URL, or base64 data with "base64": "yes".')
+    text = "".join(text.split())  # MIME-style line breaks are common
+    if len(text) * 3 // 4 > max_bytes:
+        raise ValueError(f"is larger than {max_bytes // (1024 * 1024)} MB.")
+    try:
+        data = binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        raise ValueError("is not valid base64.") from None
+    if not (data.startswith(_IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")):
+        raise ValueError("is not a PNG, JPEG or WEBP image.")
+    return data
+
+
+def _meta(
+    model_id: str, params: JobParams, request: GenerationRequest, file_prefix: str
+) -> dict[str, Any]:
     """The `meta` echo of spec §4.1: the effective values the job runs with."""
-    return {
-        "prompt": params["prompt"],
+    meta: dict[str, Any] = {
+        "prompt": params.prompt,
         "model_id": model_id,
-        "negative_prompt": params["negative_prompt"],
-        "scheduler": params["scheduler"],
-        "W": params["width"],
-        "H": params["height"],
-        "guidance_scale": params["guidance_scale"],
-        "seed": params["seed"],
-        "steps": params["steps"],
-        "n_samples": params["samples"],
-        "use_karras_sigmas": "yes" if params["use_karras_sigmas"] else "no",
-        "algorithm_type": params["algorithm_type"],
-        "lora": None,
-        "lora_strength": None,
-        "embeddings": None,
-        "vae": None,
-        "clip_skip": 1,
-        "safety_checker": "no",
-        "upscale": "no",
-        "temp": "no",
-        "base64": "no",
+        "negative_prompt": params.negative_prompt,
+        "scheduler": params.scheduler,
+        "W": params.width,
+        "H": params.height,
+        "guidance_scale": params.guidance_scale,
+        "seed": params.seed,
+        "steps": params.steps,
+        "n_samples": params.samples,
+        "use_karras_sigmas": _yes(params.use_karras_sigmas),
+        "algorithm_type": params.algorithm_type,
         "file_prefix": file_prefix,
     }
+    if params.kind == "text2video":
+        return meta | {
+            "num_frames": params.num_frames,
+            "fps": params.fps,
+            "output_type": params.output_format,
+        }
+    meta |= {
+        "lora": ",".join(lora.id for lora in params.loras) or None,
+        "lora_strength": ",".join(f"{lora.strength:g}" for lora in params.loras) or None,
+        "embeddings": params.embedding,
+        "vae": params.vae,
+        "clip_skip": params.clip_skip,
+        "enhance_prompt": _yes(bool(getattr(request, "enhance_prompt", False))),
+        "safety_checker": _yes(params.safety_checker),
+        "safety_checker_type": params.safety_checker_type,
+        "tomesd": _yes(params.tomesd),
+        "panorama": _yes(params.panorama),
+        "self_attention": _yes(params.self_attention),
+        "upscale": str(params.upscale) if params.upscale > 1 else "no",
+        "highres_fix": _yes(params.highres_fix),
+        "multi_lingual": _yes(params.multi_lingual),
+        "temp": _yes(params.temp),
+        "base64": _yes(params.base64),
+    }
+    if params.kind in ("img2img", "inpaint"):
+        meta["strength"] = params.strength
+        for field in ("init_image", "mask_image"):
+            ref = getattr(params, field)
+            if ref is not None:
+                # A base64 input is not echoed back: it is the client's own bytes, often MBs.
+                meta[field] = ref.url if ref.url else "base64"
+    return meta
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"

@@ -202,46 +202,95 @@ def _is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-# Contract fields this deployment does not serve yet, each with the test of whether a value asks
-# for anything. A value that asks for nothing (null, "", "no", the contract default) is accepted,
-# so clients that send every field keep working; one that asks for the feature is refused by name,
-# never ignored.
-def _asks(value: Any) -> bool:
-    return _blank_to_none(value) is not None
-
-
-def _asks_flag(value: Any) -> bool:
-    return _asks(value) and str(value).strip().lower() not in _FALSE
-
-
-def _asks_clip_skip(value: Any) -> bool:
-    return _asks(value) and str(value).strip() not in ("1", "1.0")
-
-
-def _asks_upscale(value: Any) -> bool:
-    return _asks_flag(value) and str(value).strip() not in ("1", "1.0")
-
-
-def _not_yet_served(asks: Callable[[Any], bool]) -> Callable[..., Any]:
-    def check(value: Any, info: ValidationInfo) -> Any:
-        if asks(value):
-            raise _fail("unserved", "The {attr} field is not served by this deployment yet.", info)
+def _none_word(value: Any) -> Any:
+    # [compat] clients send "none" (and "no") for "no LoRA / embedding / VAE".
+    if isinstance(value, str) and value.strip().lower() in ("none", "no", "null"):
         return None
+    return value
+
+
+def _id_list(value: str | None, info: ValidationInfo) -> str | None:
+    """A comma-separated list of registry ids, e.g. "ganyu-lora,more_details"."""
+    if value is None:
+        return None
+    ids = tuple(part.strip() for part in value.split(","))
+    if any(not part for part in ids):
+        raise _fail("ids", "The {attr} must be ids separated by commas.", info)
+    if len(set(ids)) != len(ids):
+        raise _fail("ids", "The {attr} names an id twice.", info)
+    if len(ids) > MAX_LORAS:
+        raise _fail("ids", "The {attr} may name at most {n} ids.", info, n=MAX_LORAS)
+    return ",".join(ids)
+
+
+def _strengths(value: Any, info: ValidationInfo) -> tuple[float, ...] | None:
+    """One number, or comma-separated numbers, each 0..1."""
+    value = _blank_to_none(value)
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else [value]
+    strengths = []
+    for part in parts:
+        number = _number(part, info)
+        if number is None or not 0 <= number <= 1:
+            raise _fail("strength", "Each {attr} must be a number between 0 and 1.", info)
+        strengths.append(number)
+    return tuple(strengths)
+
+
+def _upscale(value: Any, info: ValidationInfo) -> int | None:
+    """[compat] "yes" means 2x, "no" none; a number is the factor (1 = none)."""
+    value = _blank_to_none(value)
+    if value is None:
+        return None
+    words = (_TRUE | _FALSE) - {"1", "0"}
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in words):
+        return 2 if _flag(value, info) else 1
+    try:
+        factor = _integer(value, info)
+    except PydanticCustomError:
+        factor = None
+    if factor is None or not 0 <= factor <= MAX_UPSCALE:
+        raise _fail(
+            "upscale",
+            'The {attr} must be "yes", "no" or a factor from 1 to {n}.',
+            info,
+            n=MAX_UPSCALE,
+        )
+    return max(1, factor)
+
+
+def _one_of(*choices: str) -> Callable[..., Any]:
+    def check(value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if value.strip().lower() not in choices:
+            raise _fail(
+                "choice", "The {attr} must be one of: {choices}.", info, choices=", ".join(choices)
+            )
+        return value.strip().lower()
 
     return check
 
 
-Unserved = Annotated[Any, AfterValidator(_not_yet_served(_asks))]
-UnservedFlag = Annotated[Any, AfterValidator(_not_yet_served(_asks_flag))]
-UnservedClipSkip = Annotated[Any, AfterValidator(_not_yet_served(_asks_clip_skip))]
-UnservedUpscale = Annotated[Any, AfterValidator(_not_yet_served(_asks_upscale))]
 RequiredText = Annotated[Text, AfterValidator(_required)]
+IdList = Annotated[
+    str | None, BeforeValidator(_none_word), BeforeValidator(_text), AfterValidator(_id_list)
+]
+RegistryId = Annotated[str | None, BeforeValidator(_none_word), BeforeValidator(_text)]
+Strengths = Annotated[tuple[float, ...] | None, BeforeValidator(_strengths)]
+Upscale = Annotated[int | None, BeforeValidator(_upscale)]
+Strength = Annotated[Number, AfterValidator(_between(0, 1))]
+ImageRef = Annotated[Text, AfterValidator(_required)]
 
-NOT_YET = "Not served by this deployment yet: a value that asks for it is refused."
+MAX_LORAS = 5
+MAX_UPSCALE = 4
+MAX_FRAMES = 64
+SAFETY_CHECKER_TYPES = ("black", "blur", "pixelate", "sensitive_content_text")
 
 
-class Txt2ImgRequest(_Request):
-    """Body of POST /api/v4/dreambooth (text to image)."""
+class _Prompted(_Request):
+    """Fields every generation endpoint takes."""
 
     model_id: RequiredText = Field(
         None, validate_default=True, description="A registered model id.", examples=["demo"]
@@ -252,9 +301,6 @@ class Txt2ImgRequest(_Request):
     negative_prompt: Text = Field(None, description="What to avoid.")
     width: Size = Field(None, description="64..1024, a multiple of 8. Default 512.")
     height: Size = Field(None, description="64..1024, a multiple of 8. Default 512.")
-    samples: Annotated[Integer, AfterValidator(_between(1, 4))] = Field(
-        None, description="Images from one request, 1..4. Default 1."
-    )
     num_inference_steps: Annotated[Integer, AfterValidator(_between(1, 51))] = Field(
         None, description="1..51 (a deployment may cap it lower). Default 30."
     )
@@ -280,25 +326,8 @@ class Txt2ImgRequest(_Request):
         None, description="Opaque string or number echoed in the webhook body."
     )
 
-    lora_model: Unserved = Field(None, description=NOT_YET)
-    lora_strength: Any = Field(None, description="Qualifies lora_model.")
-    embeddings_model: Unserved = Field(None, description=NOT_YET)
-    vae: Unserved = Field(None, description=NOT_YET)
-    clip_skip: UnservedClipSkip = Field(None, description="Only the default, 1, is served yet.")
-    enhance_prompt: UnservedFlag = Field(None, description=NOT_YET)
-    safety_checker: UnservedFlag = Field(None, description=NOT_YET)
-    safety_checker_type: Any = Field(None, description="Qualifies safety_checker.")
-    tomesd: UnservedFlag = Field(None, description=NOT_YET)
-    panorama: UnservedFlag = Field(None, description=NOT_YET)
-    self_attention: UnservedFlag = Field(None, description=NOT_YET)
-    upscale: UnservedUpscale = Field(None, description=NOT_YET)
-    highres_fix: UnservedFlag = Field(None, description=NOT_YET)
-    multi_lingual: UnservedFlag = Field(None, description=NOT_YET)
-    base64: UnservedFlag = Field(None, description=NOT_YET)
-    temp: UnservedFlag = Field(None, description=NOT_YET)
-
     @model_validator(mode="after")
-    def _algorithm_needs_dpmsolver(self) -> Txt2ImgRequest:
+    def _algorithm_needs_dpmsolver(self) -> Any:
         if self.algorithm_type is not None and self.scheduler is not None:
             choice = resolve_scheduler_name(self.scheduler)
             if choice is not None and not choice.class_name.startswith("DPMSolver"):
@@ -310,6 +339,138 @@ class Txt2ImgRequest(_Request):
         return self
 
 
+class Txt2ImgRequest(_Prompted):
+    """Body of POST /api/v4/dreambooth (text to image, LoRA and multi-LoRA)."""
+
+    samples: Annotated[Integer, AfterValidator(_between(1, 4))] = Field(
+        None, description="Images from one request, 1..4. Default 1."
+    )
+    lora_model: IdList = Field(
+        None, description='A registered LoRA id, or ids separated by commas ("a,b").'
+    )
+    lora_strength: Strengths = Field(
+        None,
+        description='0..1, one value for every LoRA or one per LoRA ("0.6,0.4"). Default 1.',
+    )
+    embeddings_model: RegistryId = Field(
+        None,
+        description="A registered textual-inversion embedding id; its token goes in the prompt.",
+    )
+    vae: RegistryId = Field(None, description="A registered VAE id replacing the model's VAE.")
+    clip_skip: Annotated[Integer, AfterValidator(_between(1, 8))] = Field(
+        None, description="1..8: CLIP layers skipped from the end, 1 skips none. Default 1."
+    )
+    enhance_prompt: Flag = Field(
+        None, description="Append a fixed quality suffix and a default negative prompt."
+    )
+    safety_checker: Flag = Field(
+        None, description="Replace NSFW images per safety_checker_type (needs a safety checker)."
+    )
+    safety_checker_type: Annotated[Text, AfterValidator(_one_of(*SAFETY_CHECKER_TYPES))] = Field(
+        None, description="black (default), blur, pixelate or sensitive_content_text."
+    )
+    tomesd: Flag = Field(None, description="Token merging (ToMe) for speed.")
+    panorama: Flag = Field(None, description="Wide image by MultiDiffusion panorama generation.")
+    self_attention: Flag = Field(None, description="Self-attention guidance.")
+    upscale: Upscale = Field(
+        None, description='"yes" = 2x, or a factor 1..4 (needs an upscaler). Default none.'
+    )
+    highres_fix: Flag = Field(None, description="Two-pass generation: low resolution, then up.")
+    multi_lingual: Flag = Field(
+        None, description="Translate the prompt to English first (needs a translator)."
+    )
+    base64: Flag = Field(
+        None, description="Output as base64 strings instead of URLs; inputs may be base64."
+    )
+    temp: Flag = Field(None, description="Output links valid 24 hours.")
+
+    @model_validator(mode="after")
+    def _strengths_match_loras(self) -> Any:
+        if self.lora_strength is not None and self.lora_model is not None:
+            count, given = len(self.lora_ids), len(self.lora_strength)
+            if given not in (1, count):
+                raise PydanticCustomError(
+                    "fields",
+                    f"The lora strength must give one value or one per LoRA ({count}).",
+                    {"field": "lora_strength"},
+                )
+        return self
+
+    @property
+    def lora_ids(self) -> tuple[str, ...]:
+        return tuple(self.lora_model.split(",")) if self.lora_model else ()
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """Body of POST /api/v4/dreambooth/img2img."""
+
+    init_image: ImageRef = Field(
+        None,
+        validate_default=True,
+        description="The starting image: an http(s) URL, or base64 (with base64: yes or a data: "
+        "prefix).",
+    )
+    strength: Strength = Field(
+        None, description="0..1: how far from the init image (1 ignores it). Default 0.7."
+    )
+    width: Size = Field(None, description="64..1024, a multiple of 8. Default: the init image's.")
+    height: Size = Field(None, description="64..1024, a multiple of 8. Default: the init image's.")
+
+
+class InpaintRequest(Img2ImgRequest):
+    """Body of POST /api/v4/dreambooth/inpaint."""
+
+    mask_image: ImageRef = Field(
+        None,
+        validate_default=True,
+        description="White repaints, black keeps: a URL or base64 like init_image.",
+    )
+    steps: Annotated[Integer, AfterValidator(_between(1, 51))] = Field(
+        None, description="[compat] The hosted docs' name of num_inference_steps here."
+    )
+
+
+class Text2VideoRequest(_Prompted):
+    """Body of POST /api/v4/dreambooth/text2video."""
+
+    num_frames: Annotated[Integer, AfterValidator(_between(1, MAX_FRAMES))] = Field(
+        None, description=f"1..{MAX_FRAMES}. Default 16 (or seconds x fps)."
+    )
+    fps: Annotated[Integer, AfterValidator(_between(1, 60))] = Field(
+        None, description="Frames per second, 1..60. Default 8."
+    )
+    seconds: Annotated[Number, AfterValidator(_between(0.1, MAX_FRAMES))] = Field(
+        None, description="Length; sets num_frames = seconds x fps when num_frames is not given."
+    )
+    output_type: Annotated[Text, AfterValidator(_one_of("mp4", "gif"))] = Field(
+        None, description='"mp4" (default) or "gif".'
+    )
+
+    @model_validator(mode="after")
+    def _frames_fit(self) -> Any:
+        frames = None if self.seconds is None else round(self.seconds * (self.fps or DEFAULT_FPS))
+        if self.num_frames is None and frames is not None and not 1 <= frames <= MAX_FRAMES:
+            raise PydanticCustomError(
+                "fields",
+                f"The seconds times the fps must give 1 to {MAX_FRAMES} frames.",
+                {"field": "seconds"},
+            )
+        return self
+
+
+DEFAULT_FPS = 8
+DEFAULT_FRAMES = 16
+
+
+GenerationRequest = Txt2ImgRequest | Img2ImgRequest | InpaintRequest | Text2VideoRequest
+
+
+class ModelRequest(_Request):
+    """Body of POST /api/v4/dreambooth/model_reload."""
+
+    model_id: RequiredText = Field(None, validate_default=True, description="A registered id.")
+
+
 class FetchRequest(_Request):
     """Body of POST /api/v4/dreambooth/fetch."""
 
@@ -319,7 +480,7 @@ class FetchRequest(_Request):
 
 
 class KeyOnlyRequest(_Request):
-    """Body of POST /api/v4/dreambooth/fetch/{id}."""
+    """Body of POST /api/v4/dreambooth/fetch/{id} and /model_list."""
 
 
 # ---------------------------------------------------------------- responses
@@ -375,6 +536,21 @@ class ErrorResponse(_Response):
     status: Literal["error"] = "error"
     message: str | dict[str, list[str]]
     messege: str | dict[str, list[str]]  # [compat]
+
+
+class ModelReloadResponse(_Response):
+    status: Literal["success"] = "success"
+    message: str = "model reload started"
+    eta: float = Field(description="Seconds until the model is expected to be loaded.")
+
+
+class ModelListItem(_Response):
+    model_id: str
+    model_name: str
+    status: str = "model_ready"
+    model_category: str = Field(description="stable_diffusion, stable_diffusion_xl, ...")
+    family: str
+    kind: str
 
 
 FetchResponse = SuccessResponse | FetchProcessingResponse | FailedResponse

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import redis
 
-from dreamq.registry import ModelEntry, Registry, write_registry
 from dreamq.settings import Settings
 from storage import keys
 from storage.apikeys import ApiKeyStore
@@ -151,14 +150,13 @@ class DevStack:
         )
 
     def _demo_registry(self) -> Path:
-        from workers.tiny import write_tiny_sd
+        from workers.tiny import write_demo_registry
 
-        model_dir = self.directory / "models" / "demo"
-        if not (model_dir / "model_index.json").exists():
-            print(f"dreamq dev: writing the tiny demo model to {model_dir}", flush=True)
-            write_tiny_sd(model_dir)
-        path = self.directory / "models.yaml"
-        write_registry(path, Registry(models={"demo": ModelEntry(source=str(model_dir))}))
+        folder = self.directory / "models"
+        path = folder / "models.yaml"
+        if not path.exists():
+            print(f"dreamq dev: writing the tiny demo models to {folder}", flush=True)
+            write_demo_registry(folder)
         return path
 
     def _register_key(self, settings: Settings) -> str:

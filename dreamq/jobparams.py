@@ -98,18 +98,22 @@ class JobParams:
         """Rebuild from a record; ValueError (client-safe message) when malformed."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
-        extras = {k: v for k, v in data.items() if k not in names}
+        extras = {**(known.pop("extras", None) or {})}
+        extras.update((k, v) for k, v in data.items() if k not in names)
         try:
             for name in ("init_image", "mask_image"):
                 if known.get(name) is not None:
                     known[name] = ImageInput(**known[name])
             known["loras"] = tuple(LoraChoice(**choice) for choice in known.get("loras") or ())
-            params = cls(**known, extras={**known.pop("extras", {}), **extras})
+            params = cls(**known, extras=extras)
         except (TypeError, ValueError) as exc:
             if "kind" not in known or "prompt" not in known:
                 raise ValueError("The job's parameters are incomplete.") from exc
             raise ValueError("The job's parameters are malformed.") from exc
-        params.check()
+        try:
+            params.check()
+        except TypeError as exc:  # a value of the wrong type, compared or counted
+            raise ValueError("The job's parameters are malformed.") from exc
         return params
 
     def check(self) -> None:

@@ -68,6 +68,23 @@ class Settings(BaseSettings):
         description="Comma-separated private CIDRs dreamq may connect to for webhooks and image "
         "URLs (everything else must be a public address). dreamq dev allows loopback.",
     )
+    input_max_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="Largest init_image/mask_image accepted, in bytes."
+    )
+    input_max_pixels: int = Field(
+        4096 * 4096,
+        gt=0,
+        description="Largest input image in pixels, checked before it is decoded.",
+    )
+    input_timeout_seconds: float = Field(
+        15.0, gt=0, description="Total deadline for fetching one input image URL."
+    )
+    model_idle_seconds: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A model unused this long is unloaded from worker memory (model_reload "
+        "brings it back).",
+    )
     legacy_http_200: bool = Field(
         False, description="[compat] Answer every error body with HTTP 200, like the hosted API."
     )

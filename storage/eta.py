@@ -84,6 +84,12 @@ async def read_inputs(client: aioredis.Redis, model_id: str, now: float) -> EtaI
     )
 
 
+async def read_load_seconds(client: aioredis.Redis, model_id: str) -> float | None:
+    """The last measured time a worker took to load this model, if any."""
+    value = await client.hget(keys.model_stats(model_id), "load_seconds")
+    return float(value) if value else None
+
+
 class DurationRecorder:
     """Worker side: feed each finished job's measured times into the statistics."""
 
@@ -96,6 +102,9 @@ class DurationRecorder:
             per_unit = run_seconds / units
             self._ewma(keys=[keys.model_stats(model_id)], args=["unit_seconds", per_unit, ALPHA])
         self._ewma(keys=[keys.STATS_ALL], args=["job_seconds", job_seconds, ALPHA])
+
+    def record_load(self, model_id: str, seconds: float) -> None:
+        self._r.hset(keys.model_stats(model_id), "load_seconds", f"{seconds:.3f}")
 
     def unit_seconds(self, model_id: str) -> float | None:
         value = self._r.hget(keys.model_stats(model_id), "unit_seconds")

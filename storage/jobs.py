@@ -287,8 +287,18 @@ class JobStore:
         result = self.transition(job_id, JobStatus.PROCESSING, attempts=1, started_at=self._clock())
         return self.get(job_id) if result.applied else None
 
-    def succeed(self, job_id: int, *, output: list[str], generation_time: float) -> bool:
+    def succeed(
+        self,
+        job_id: int,
+        *,
+        output: list[str],
+        generation_time: float,
+        meta: dict[str, Any] | None = None,
+    ) -> bool:
+        """Finish a job; ``meta`` replaces the echo when the run learnt more (the size taken
+        from an init image, a translated prompt)."""
         now = self._clock()
+        fields: dict[str, Any] = {} if meta is None else {"meta": meta}
         return self.transition(
             job_id,
             JobStatus.SUCCESS,
@@ -296,6 +306,7 @@ class JobStore:
             generation_time=round(generation_time, 3),
             finished_at=now,
             eta_at=now,
+            **fields,
         ).applied
 
     def fail(self, job_id: int, message: str) -> bool:

@@ -17,6 +17,12 @@ webhook delivery ends."""
 WORKERS = f"{PREFIX}:workers"
 """Sorted set of worker names scored by the time of their last heartbeat."""
 
+CONTROL = f"{PREFIX}:control"
+"""Pub/sub channel of commands to every worker process: 'warm <model_id>'."""
+
+WORKER_MODELS = f"{PREFIX}:workers:models"
+"""Hash worker process name -> JSON list of the model ids it holds in memory."""
+
 STATS_ALL = f"{PREFIX}:stats:_all"
 """Hash of fleet-wide run-time statistics."""
 

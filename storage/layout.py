@@ -1,8 +1,19 @@
-"""Where outputs live in the object store. The API promises these keys before the job runs."""
+"""Where objects live in the object store. The API promises output keys before the job runs."""
 
 from __future__ import annotations
 
+TEMP_PREFIX = "temp/"
+"""Outputs of `temp: "yes"` jobs: a bucket lifecycle rule deletes them after a day."""
 
-def output_key(file_prefix: str, index: int, extension: str = "png") -> str:
+TEMP_LIFETIME_SECONDS = 24 * 3600
+
+
+def output_key(file_prefix: str, index: int, extension: str = "png", *, temp: bool = False) -> str:
     """Object key of output `index` of a job; `file_prefix` is the job's unguessable uuid."""
-    return f"generations/{file_prefix}-{index}.{extension}"
+    key = f"generations/{file_prefix}-{index}.{extension}"
+    return TEMP_PREFIX + key if temp else key
+
+
+def input_key(file_prefix: str, field: str) -> str:
+    """Object key of an input image the API received as base64 (init_image, mask_image)."""
+    return f"{TEMP_PREFIX}inputs/{file_prefix}-{field}"

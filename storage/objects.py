@@ -10,7 +10,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 import boto3
@@ -88,6 +88,28 @@ class S3ObjectStore:
                 return False
             raise
         return True
+
+    def expire_prefix(self, prefix: str, days: int) -> None:
+        """Have the bucket delete objects under ``prefix`` after ``days``: one lifecycle rule,
+        added beside the operator's own rules, never replacing them."""
+        rule_id = f"dreamq-expire-{prefix.strip('/').replace('/', '-')}"
+        try:
+            rules = self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+                raise
+            rules = []
+        if any(rule.get("ID") == rule_id for rule in rules):
+            return
+        rule: Any = {
+            "ID": rule_id,
+            "Filter": {"Prefix": self._full_key(prefix.rstrip("/")) + "/"},
+            "Status": "Enabled",
+            "Expiration": {"Days": days},
+        }
+        self._client.put_bucket_lifecycle_configuration(
+            Bucket=self.bucket, LifecycleConfiguration={"Rules": [*rules, rule]}
+        )
 
     def get(self, key: str) -> bytes:
         try:

@@ -17,7 +17,12 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from dreamq.outbound import parse_cidrs
 from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, CeleryPublisher, make_celery
@@ -25,7 +30,8 @@ from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
 from storage.eta import DurationRecorder, heartbeat
 from storage.jobs import JobStore
-from storage.objects import open_object_store
+from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX
+from storage.objects import ObjectStore, S3ObjectStore, open_object_store
 
 log = logging.getLogger("dreamq.worker")
 
@@ -62,19 +68,7 @@ class WorkerRuntime:
         publisher = CeleryPublisher(self.app, settings)
         runner = dispatcher = None
         if self.role == "generate":
-            # Imported here: the dispatcher never loads torch.
-            from workers.models import PipelineCache
-            from workers.runner import JobRunner
-
-            runner = JobRunner(
-                jobs=jobs,
-                objects=open_object_store(settings),
-                models=PipelineCache(
-                    _registry(settings), device=settings.device, dtype=settings.dtype
-                ),
-                durations=DurationRecorder(client),
-                publisher=publisher,
-            )
+            runner = self._build_runner(client, jobs, publisher)
         else:
             from workers.webhooks import HttpWebhookSender, WebhookDispatcher
 
@@ -84,6 +78,66 @@ class WorkerRuntime:
                 allow=parse_cidrs(settings.outbound_allow_cidrs),
             )
         return _ProcessParts(pid=os.getpid(), runner=runner, dispatcher=dispatcher)
+
+    def _build_runner(self, client: redis.Redis, jobs: JobStore, publisher: Any) -> Any:
+        # Imported here: the dispatcher never loads torch.
+        from workers.control import WorkerControl
+        from workers.generate import Generator
+        from workers.helpers import HelperModels
+        from workers.inputs import InputLoader
+        from workers.models import PipelineCache
+        from workers.runner import JobRunner
+
+        settings = self.settings
+        registry = _registry(settings)
+        objects = open_object_store(settings)
+        _expire_temp_outputs(objects)
+        cache = PipelineCache(
+            registry,
+            device=settings.device,
+            dtype=settings.dtype,
+            idle_seconds=settings.model_idle_seconds,
+        )
+        durations = DurationRecorder(client)
+        control = WorkerControl(
+            client,
+            cache,
+            durations,
+            name=f"{socket.gethostname()}:{os.getpid()}",
+            idle_seconds=settings.model_idle_seconds,
+        )
+        control.start()
+        # A pool process does not run atexit handlers: Celery ends it with os._exit.
+        worker_process_shutdown.connect(lambda **_: control.stop(), weak=False)
+        loader = InputLoader.from_settings(settings, objects)  # one HTTP client per process
+
+        def fetch_image(ref: Any, field: str) -> Any:
+            return loader.load(ref, field=field)
+
+        return JobRunner(
+            jobs=jobs,
+            objects=objects,
+            generator=Generator(cache, registry),
+            helpers=HelperModels(registry, device=cache.device, dtype=cache.dtype),
+            fetch_image=fetch_image,
+            durations=durations,
+            publisher=publisher,
+            after_job=control.report,
+        )
+
+
+def _expire_temp_outputs(objects: ObjectStore) -> None:
+    """`temp: "yes"` outputs live a day: a lifecycle rule on the bucket deletes them."""
+    if isinstance(objects, S3ObjectStore):
+        try:
+            objects.expire_prefix(TEMP_PREFIX, days=TEMP_LIFETIME_SECONDS // 86400)
+        except Exception:
+            log.warning(
+                "could not add the lifecycle rule that expires %s* in bucket %s; add it by hand",
+                TEMP_PREFIX,
+                objects.bucket,
+                exc_info=True,
+            )
 
 
 def _registry(settings: Settings) -> Registry:

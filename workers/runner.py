@@ -1,34 +1,62 @@
 """Runs one job through the state machine.
 
-Claim, generate, store outputs, finish, hand off the webhook.
+Claim, check, fetch inputs, (translate), generate, (upscale, safety-check), encode, store under
+the promised keys, finish, hand off the webhook.
 
 A plain class a test can drive with fakes; the Celery task only calls `run(job_id)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+from PIL import Image
 
 from dreamq.errors import PublicJobError
+from dreamq.jobparams import ImageInput, JobParams
 from dreamq.queue import Publisher
 from storage.eta import DurationRecorder, work_units
 from storage.jobs import JobRecord, JobStore
 from storage.layout import output_key
 from storage.objects import ObjectStore
-from workers.encode import encode_png
-from workers.models import LoadedModel, ModelLoadError
-from workers.pipelines import txt2img
+from workers.encode import encode_png, encode_video, to_base64
+from workers.generate import Generation
+from workers.helpers import HelperModels
+from workers.models import ModelLoadError
 
 log = logging.getLogger("dreamq.worker")
 
 GENERIC_FAILURE = "Generation failed; the error was logged on the worker."
 
+FetchImage = Callable[[ImageInput, str], Image.Image]
+"""Loads an input image (a URL or a stored object) for a field; PublicJobError when it cannot."""
 
-class ModelProvider(Protocol):
-    def get(self, model_id: str) -> LoadedModel: ...
+
+class Generates(Protocol):
+    def check(self, model_id: str, params: JobParams) -> None: ...
+
+    def run(
+        self,
+        model_id: str,
+        params: JobParams,
+        *,
+        init_image: Image.Image | None = None,
+        mask_image: Image.Image | None = None,
+    ) -> Generation: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    output: list[str]
+    seconds: float
+    """Wall time of the work the ETA predicts: generation and post-processing."""
+    meta: dict[str, Any]
+    units: float
+    """The work generated, for the ETA statistics."""
 
 
 class JobRunner:
@@ -37,16 +65,22 @@ class JobRunner:
         *,
         jobs: JobStore,
         objects: ObjectStore,
-        models: ModelProvider,
+        generator: Generates,
+        helpers: HelperModels,
+        fetch_image: FetchImage,
         durations: DurationRecorder,
         publisher: Publisher,
+        after_job: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._jobs = jobs
         self._objects = objects
-        self._models = models
+        self._generator = generator
+        self._helpers = helpers
+        self._fetch_image = fetch_image
         self._durations = durations
         self._publisher = publisher
+        self._after_job = after_job
         self._clock = clock
 
     def run(self, job_id: int) -> None:
@@ -58,7 +92,7 @@ class JobRunner:
         log.info("job %s: processing (model %s, attempt %s)", job_id, job.model_id, job.attempts)
         started = self._clock()
         try:
-            output, run_seconds = self._generate(job)
+            outcome = self._process(job)
         except (PublicJobError, ModelLoadError) as exc:
             log.warning("job %s: failed: %s", job_id, exc.message)
             finished = self._jobs.fail(job_id, exc.message)
@@ -66,41 +100,76 @@ class JobRunner:
             log.exception("job %s: failed", job_id)
             finished = self._jobs.fail(job_id, GENERIC_FAILURE)
         else:
-            finished = self._jobs.succeed(job_id, output=output, generation_time=run_seconds)
-            params = job.params
-            units = work_units(
-                params["width"], params["height"], params["steps"], params["samples"]
+            finished = self._jobs.succeed(
+                job_id, output=outcome.output, generation_time=outcome.seconds, meta=outcome.meta
             )
-            self._durations.record(job.model_id, units, run_seconds, self._clock() - started)
-            log.info("job %s: success in %.3f s", job_id, run_seconds)
+            self._durations.record(
+                job.model_id, outcome.units, outcome.seconds, self._clock() - started
+            )
+            log.info("job %s: success in %.3f s", job_id, outcome.seconds)
+        finally:
+            self._after_job()
         if finished and job.webhook:
             self._hand_off_webhook(job_id)
 
-    def _generate(self, job: JobRecord) -> tuple[list[str], float]:
-        if job.kind != "txt2img":
-            raise PublicJobError(f"This worker cannot run {job.kind} jobs.")
+    def _process(self, job: JobRecord) -> Outcome:
         try:
-            params = txt2img.Txt2ImgParams.from_job(job.params)
+            params = JobParams.from_dict(job.params)
+            if params.kind != job.kind:
+                raise ValueError("The job's parameters do not match its kind.")
             # Checked before the model is loaded: a job it cannot run fails without the cost.
-            txt2img.check_inputs(params)
+            self._generator.check(job.model_id, params)
         except ValueError as exc:
             raise PublicJobError(str(exc)) from exc
-        model = self._models.get(job.model_id)
+        meta = dict(job.meta)
+        helpers = self._helpers
+        # Missing helper models fail here, before inputs are fetched or a model is loaded.
+        translator = helpers.translator() if params.multi_lingual else None
+        upscaler = helpers.upscaler() if params.upscale > 1 else None
+        checker = helpers.safety_checker() if params.safety_checker else None
+        init = self._input(params.init_image, "init_image")
+        mask = self._input(params.mask_image, "mask_image")
         started = self._clock()
-        images = txt2img.run(
-            model.pipe,
-            params,
-            default_scheduler_config=model.default_scheduler_config,
-            default_scheduler=model.default_scheduler,
+        if translator is not None:
+            english = translator.translate(params.prompt)
+            meta["translated_prompt"] = english
+            params = dataclasses.replace(params, prompt=english)
+        generation = self._generator.run(job.model_id, params, init_image=init, mask_image=mask)
+        images = generation.images
+        if params.kind == "text2video":
+            assert params.fps is not None  # checked by JobParams
+            fmt: Literal["mp4", "gif"] = "gif" if params.output_format == "gif" else "mp4"
+            blobs = [encode_video(images, fps=params.fps, fmt=fmt)]
+        else:
+            if upscaler is not None:
+                images = upscaler.upscale(
+                    images, factor=params.upscale, prompt=params.prompt, seed=params.seed
+                )
+            if checker is not None:
+                images, flagged = checker.apply(images, params.safety_checker_type)
+                meta["nsfw_content_detected"] = flagged
+            blobs = [encode_png(image) for image in images]
+        seconds = self._clock() - started
+        width, height = images[0].size
+        meta.update(W=width, H=height)
+        self._store(job, params, blobs)
+        output = [to_base64(blob) for blob in blobs] if params.base64 else job.future_links
+        units = work_units(
+            generation.width,
+            generation.height,
+            params.steps,
+            params.samples * (params.num_frames or 1),
         )
-        run_seconds = self._clock() - started
-        self._store(job, [encode_png(image) for image in images])
-        return list(job.future_links[: len(images)]), run_seconds
+        return Outcome(output=list(output[: len(blobs)]), seconds=seconds, meta=meta, units=units)
 
-    def _store(self, job: JobRecord, blobs: list[bytes]) -> None:
+    def _input(self, ref: ImageInput | None, field: str) -> Image.Image | None:
+        return None if ref is None else self._fetch_image(ref, field)
+
+    def _store(self, job: JobRecord, params: JobParams, blobs: list[bytes]) -> None:
         # The keys are the ones promised in future_links at submission.
         for index, data in enumerate(blobs):
-            self._objects.put(output_key(job.file_prefix, index), data, "image/png")
+            key = output_key(job.file_prefix, index, params.output_format, temp=params.temp)
+            self._objects.put(key, data, params.content_type)
 
     def _hand_off_webhook(self, job_id: int) -> None:
         try:

@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from dreamq.registry import ModelEntry, Registry, write_registry
+from dreamq.registry import ModelEntry, load_registry, write_registry
 from dreamq.settings import Settings
 from storage.apikeys import ApiKeyStore
 from tests.support.processes import (
@@ -46,18 +46,14 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(
-    redis_proc: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    redis_proc: RedisServer, demo_registry_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     redis_proc.client().flushall()
     registry_file = tmp_path_factory.mktemp("registry") / "models.yaml"
+    demo = load_registry(demo_registry_file)
+    broken = ModelEntry(source=str(registry_file.parent / "missing"))
     write_registry(
-        registry_file,
-        Registry(
-            models={
-                "demo": ModelEntry(source=str(tiny_model_dir)),
-                "broken": ModelEntry(source=str(tiny_model_dir.parent / "missing")),
-            }
-        ),
+        registry_file, demo.model_copy(update={"models": {**demo.models, "broken": broken}})
     )
     with moto_s3_server() as s3, webhook_receiver() as receiver:
         s3.create_bucket(BUCKET)
@@ -80,19 +76,24 @@ def stack(
         store = ApiKeyStore(redis.Redis.from_url(redis_proc.url))
         key, _ = store.create("tenant-a")
         other_key, _ = store.create("tenant-b")
-        with (
-            dreamq_worker(env, "worker") as worker,
-            dreamq_worker(env, "dispatcher") as dispatcher,
-            TestClient(create_app(settings)) as api,
-        ):
-            yield Stack(
-                redis=redis_proc,
-                s3=s3,
-                settings=settings,
-                worker=worker,
-                dispatcher=dispatcher,
-                api=api,
-                key=key,
-                other_key=other_key,
-                receiver=receiver,
-            )
+        with pytest.MonkeyPatch.context() as patch:
+            # The in-process API stores base64 inputs in the bucket: it needs the credentials too.
+            for name, value in s3.env().items():
+                if name.startswith("AWS_"):
+                    patch.setenv(name, value)
+            with (
+                dreamq_worker(env, "worker") as worker,
+                dreamq_worker(env, "dispatcher") as dispatcher,
+                TestClient(create_app(settings)) as api,
+            ):
+                yield Stack(
+                    redis=redis_proc,
+                    s3=s3,
+                    settings=settings,
+                    worker=worker,
+                    dispatcher=dispatcher,
+                    api=api,
+                    key=key,
+                    other_key=other_key,
+                    receiver=receiver,
+                )

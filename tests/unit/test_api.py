@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,8 +14,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import Overrides, create_app
+from dreamq.jobparams import ImageInput, JobParams, LoraChoice
 from dreamq.queue import RecordingPublisher
-from dreamq.registry import ModelEntry, Registry
+from dreamq.registry import (
+    EmbeddingEntry,
+    HelperEntry,
+    LoraEntry,
+    ModelEntry,
+    Registry,
+    VaeEntry,
+)
 from dreamq.settings import Settings
 from storage import keys
 from storage.apikeys import ApiKeyStore
@@ -29,10 +39,29 @@ class Api:
     key: str
     other_key: str
     raw: fakeredis.FakeRedis
+    objects: MemoryObjectStore
+
+
+HELPER = HelperEntry(source="/models/helper")
+REGISTRY = Registry(
+    models={
+        "demo": ModelEntry(source="/models/demo"),
+        "xl": ModelEntry(source="/models/xl", family="sdxl"),
+        "clip": ModelEntry(source="/models/clip", kind="text2video"),
+        "fill": ModelEntry(source="/models/fill", kind="inpaint"),
+    },
+    loras={"a": LoraEntry(source="/l/a"), "b": LoraEntry(source="/l/b")},
+    embeddings={"e": EmbeddingEntry(source="/e/e.safetensors")},
+    vaes={"v": VaeEntry(source="/v/v")},
+    safety_checker=HELPER,
+    upscaler=HELPER,
+    translator=HELPER,
+)
 
 
 @contextmanager
-def build(**settings: Any) -> Iterator[Api]:
+def build(registry: Registry | None = None, **settings: Any) -> Iterator[Api]:
+    objects = MemoryObjectStore("https://cdn.example.com")
     server = fakeredis.FakeServer()
     sync = fakeredis.FakeRedis(server=server)
     publisher = RecordingPublisher()
@@ -40,14 +69,8 @@ def build(**settings: Any) -> Iterator[Api]:
         Settings(public_url="https://api.example.com", **settings),
         Overrides(
             redis_client=fakeredis.aioredis.FakeRedis(server=server),
-            registry=Registry(
-                models={
-                    "demo": ModelEntry(source="/models/demo"),
-                    "xl": ModelEntry(source="/models/xl", family="sdxl"),
-                    "clip": ModelEntry(source="/models/clip", kind="text2video"),
-                }
-            ),
-            objects=MemoryObjectStore("https://cdn.example.com"),
+            registry=registry or REGISTRY,
+            objects=objects,
             publisher=publisher,
         ),
     )
@@ -55,7 +78,7 @@ def build(**settings: Any) -> Iterator[Api]:
     key, _ = store.create("a")
     other_key, _ = store.create("b")
     with TestClient(app) as client:
-        yield Api(client, publisher, JobStore(sync, ttl_seconds=60), key, other_key, sync)
+        yield Api(client, publisher, JobStore(sync, ttl_seconds=60), key, other_key, sync, objects)
 
 
 @pytest.fixture
@@ -129,21 +152,23 @@ def test_unknown_model(api: Api) -> None:
     assert response.json()["message"] == "Model id not found"
 
 
-def test_models_the_deployment_cannot_run_for_text2img_are_refused_by_name(api: Api) -> None:
-    for model_id, message in (
-        ("xl", "sdxl models are not served by this deployment yet."),
-        ("clip", "The model is a text2video model."),
+def test_models_of_another_kind_are_refused_by_name(api: Api) -> None:
+    for path, model_id in (
+        ("/api/v4/dreambooth", "clip"),
+        ("/api/v4/dreambooth/text2video", "demo"),
+        ("/api/v4/dreambooth/img2img", "fill"),
     ):
-        response = txt2img(api, model_id=model_id)
-        assert response.status_code == 400
-        assert response.json()["message"] == {"model_id": [message]}
+        body = {"key": api.key, "model_id": model_id, "prompt": "x", "init_image": IMAGE_URL}
+        response = api.client.post(path, json=body)
+        assert response.status_code == 400, path
+        assert list(response.json()["message"]) == ["model_id"], path
     assert api.publisher.jobs == []
 
 
 def test_validation_errors_name_each_field_and_never_echo_the_key(api: Api) -> None:
     response = api.client.post(
         "/api/v4/dreambooth",
-        json={"key": api.key, "model_id": "demo", "width": "wide", "samples": 9, "lora_model": "x"},
+        json={"key": api.key, "model_id": "demo", "width": "wide", "samples": 9, "clip_skip": 0},
     )
     assert response.status_code == 400
     body = response.json()
@@ -153,10 +178,206 @@ def test_validation_errors_name_each_field_and_never_echo_the_key(api: Api) -> N
         "prompt": ["The prompt field is required."],
         "width": ["The width must be a number."],
         "samples": ["The samples must be between 1 and 4."],
-        "lora_model": ["The lora model field is not served by this deployment yet."],
+        "clip_skip": ["The clip skip must be between 1 and 8."],
     }
     assert api.key not in response.text
     assert api.publisher.jobs == []
+
+
+def test_unknown_registry_ids_are_refused_naming_each_field(api: Api) -> None:
+    response = txt2img(api, lora_model="a,nope", embeddings_model="nope", vae="nope")
+    assert response.status_code == 400
+    assert set(response.json()["message"]) == {"lora_model", "embeddings_model", "vae"}
+    assert api.publisher.jobs == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "helper"),
+    [
+        ("safety_checker", "yes", "safety checker model"),
+        ("upscale", "yes", "upscaler model"),
+        ("multi_lingual", "yes", "translation model"),
+    ],
+)
+def test_features_without_their_helper_model_are_refused_naming_both(
+    field: str, value: str, helper: str
+) -> None:
+    bare = REGISTRY.model_copy(
+        update={"safety_checker": None, "upscaler": None, "translator": None}
+    )
+    with build(bare) as api:
+        response = txt2img(api, **{field: value})
+        assert response.status_code == 400
+        message = response.json()["message"][field][0]
+        assert helper in message and "configured" in message
+        assert api.publisher.jobs == []
+        # A value that asks for nothing is accepted without the helper.
+        assert txt2img(api, **{field: "no"}).status_code == 200
+
+
+def test_lora_choices_and_flags_reach_the_job(api: Api) -> None:
+    body = txt2img(
+        api,
+        lora_model="a,b",
+        lora_strength="0.6,0.4",
+        embeddings_model="e",
+        vae="v",
+        clip_skip=2,
+        upscale="3",
+        safety_checker="yes",
+        safety_checker_type="blur",
+        multi_lingual="yes",
+        tomesd="yes",
+    ).json()
+    meta = body["meta"]
+    assert (meta["lora"], meta["lora_strength"]) == ("a,b", "0.6,0.4")
+    assert (meta["embeddings"], meta["vae"], meta["clip_skip"], meta["upscale"]) == (
+        "e",
+        "v",
+        2,
+        "3",
+    )
+    job = api.jobs.get(body["id"])
+    assert job is not None and job.kind == "txt2img"
+    params = JobParams.from_dict(job.params)
+    assert params.loras == (LoraChoice("a", 0.6), LoraChoice("b", 0.4))
+    assert (params.embedding, params.vae, params.clip_skip, params.upscale) == ("e", "v", 2, 3)
+    assert (params.safety_checker, params.safety_checker_type) == (True, "blur")
+    assert params.multi_lingual and params.tomesd
+    one_strength = JobParams.from_dict(
+        api.jobs.get(txt2img(api, lora_model="a,b", lora_strength=0.5).json()["id"]).params  # type: ignore[union-attr]
+    )
+    assert [lora.strength for lora in one_strength.loras] == [0.5, 0.5]
+
+
+def test_enhance_prompt_appends_the_suffix_and_negative(api: Api) -> None:
+    meta = txt2img(api, enhance_prompt="yes").json()["meta"]
+    assert meta["prompt"].startswith("a fox, ") and len(meta["prompt"]) > len("a fox, ")
+    assert meta["negative_prompt"]
+    assert meta["enhance_prompt"] == "yes"
+
+
+def test_temp_links_live_under_the_temp_prefix(api: Api) -> None:
+    links = txt2img(api, temp="yes", samples=2).json()["future_links"]
+    assert all(link.startswith("https://cdn.example.com/temp/generations/") for link in links)
+
+
+IMAGE_URL = "https://images.example.com/init.png"
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+
+@pytest.mark.parametrize("path", ["/api/v4/dreambooth/img2img", "/api/v6/images/img2img"])
+def test_img2img_with_a_url_takes_its_size_at_run_time(api: Api, path: str) -> None:
+    body = {"key": api.key, "model_id": "demo", "prompt": "x", "init_image": IMAGE_URL}
+    answer = api.client.post(path, json=body).json()
+    assert answer["status"] == "processing"
+    assert (answer["meta"]["W"], answer["meta"]["H"]) == (None, None)
+    assert answer["meta"]["strength"] == 0.7
+    assert answer["meta"]["init_image"] == IMAGE_URL
+    job = api.jobs.get(answer["id"])
+    assert job is not None and job.kind == "img2img"
+    params = JobParams.from_dict(job.params)
+    assert params.init_image == ImageInput(url=IMAGE_URL)
+    assert (params.width, params.height) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "stored"),
+    [
+        ({"init_image": base64.b64encode(PNG_BYTES).decode(), "base64": "yes"}, True),
+        ({"init_image": "data:image/png;base64," + base64.b64encode(PNG_BYTES).decode()}, True),
+    ],
+)
+def test_base64_inputs_go_to_the_object_store(
+    api: Api, fields: dict[str, Any], stored: bool
+) -> None:
+    body = {"key": api.key, "model_id": "demo", "prompt": "x", **fields}
+    answer = api.client.post("/api/v4/dreambooth/img2img", json=body).json()
+    assert answer["meta"]["init_image"] == "base64"
+    job = api.jobs.get(answer["id"])
+    assert job is not None
+    ref = JobParams.from_dict(job.params).init_image
+    assert ref is not None and ref.object_key is not None
+    assert api.objects.get(ref.object_key) == PNG_BYTES
+    assert "base64" not in json.dumps(job.params["init_image"])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("aGVsbG8=", 'The init image must be an http(s) URL, or base64 data with "base64": "yes".'),
+        ("data:image/png;base64,@@@", "The init image is not valid base64."),
+        ("data:image/png;base64,aGVsbG8=", "The init image is not a PNG, JPEG or WEBP image."),
+        ("data:image/png,xyz", "The init image must be base64 data (a data: URL with ;base64)."),
+    ],
+)
+def test_bad_base64_inputs_are_refused_naming_the_field(api: Api, value: str, message: str) -> None:
+    body = {"key": api.key, "model_id": "demo", "prompt": "x", "init_image": value}
+    response = api.client.post("/api/v4/dreambooth/img2img", json=body)
+    assert response.status_code == 400
+    assert response.json()["message"] == {"init_image": [message]}
+    assert api.publisher.jobs == []
+
+
+def test_base64_inputs_over_the_cap_are_refused() -> None:
+    with build(input_max_bytes=1024 * 1024) as api:
+        big = base64.b64encode(PNG_BYTES + b"\x00" * 2 * 1024 * 1024).decode()
+        body = {"key": api.key, "model_id": "demo", "prompt": "x", "init_image": big,
+                "base64": "yes"}  # fmt: skip
+        response = api.client.post("/api/v4/dreambooth/img2img", json=body)
+        assert response.json()["message"] == {"init_image": ["The init image is larger than 1 MB."]}
+
+
+@pytest.mark.parametrize("path", ["/api/v4/dreambooth/inpaint", "/api/v6/images/inpaint"])
+def test_inpaint_takes_a_mask_and_the_steps_alias(api: Api, path: str) -> None:
+    body = {"key": api.key, "model_id": "demo", "prompt": "x", "init_image": IMAGE_URL,
+            "mask_image": IMAGE_URL + "?mask", "steps": 12}  # fmt: skip
+    answer = api.client.post(path, json=body).json()
+    assert answer["meta"]["steps"] == 12
+    job = api.jobs.get(answer["id"])
+    assert job is not None and job.kind == "inpaint"
+    assert JobParams.from_dict(job.params).mask_image == ImageInput(url=IMAGE_URL + "?mask")
+    on_fill = api.client.post(path, json={**body, "model_id": "fill"})
+    assert on_fill.json()["status"] == "processing"
+
+
+@pytest.mark.parametrize(
+    ("fields", "frames", "extension"),
+    [({}, 16, "mp4"), ({"seconds": 2, "fps": 4, "output_type": "gif"}, 8, "gif")],
+)
+@pytest.mark.parametrize("path", ["/api/v4/dreambooth/text2video", "/api/v6/video/text2video"])
+def test_text2video_promises_one_video(
+    api: Api, path: str, fields: dict[str, Any], frames: int, extension: str
+) -> None:
+    body = {"key": api.key, "model_id": "clip", "prompt": "x", **fields}
+    answer = api.client.post(path, json=body).json()
+    assert len(answer["future_links"]) == 1
+    assert answer["future_links"][0].endswith(f"-0.{extension}")
+    assert answer["meta"]["num_frames"] == frames
+    job = api.jobs.get(answer["id"])
+    assert job is not None and job.kind == "text2video"
+
+
+@pytest.mark.parametrize("path", ["/api/v4/dreambooth/model_reload", "/api/v6/images/model_reload"])
+def test_model_reload_asks_the_workers_and_answers_the_contract(api: Api, path: str) -> None:
+    pubsub = api.raw.pubsub()
+    pubsub.subscribe(keys.CONTROL)
+    pubsub.get_message(timeout=1)
+    api.raw.hset(keys.model_stats("demo"), "load_seconds", "4.25")
+    response = api.client.post(path, json={"key": api.key, "model_id": "demo"})
+    assert response.json() == {"status": "success", "message": "model reload started", "eta": 4.25}
+    message = pubsub.get_message(timeout=1)
+    assert message is not None and message["data"] == b"warm demo"
+    unknown = api.client.post(path, json={"key": api.key, "model_id": "nope"})
+    assert unknown.json()["message"] == "Model id not found"
+    assert api.client.post(path, json={"key": "dq_bad", "model_id": "demo"}).status_code == 401
+
+
+def test_model_list(api: Api) -> None:
+    items = api.client.post("/api/v4/dreambooth/model_list", json={"key": api.key}).json()
+    assert [item["model_id"] for item in items] == ["demo", "xl", "clip", "fill"]
+    assert items[1]["model_category"] == "stable_diffusion_xl"
+    assert all(item["status"] == "model_ready" for item in items)
 
 
 def test_bad_json_body(api: Api) -> None:

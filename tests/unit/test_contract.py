@@ -13,7 +13,15 @@ import pytest
 from pydantic import ValidationError
 
 from api.errors import field_errors
-from dreamq.contract import MAX_SEED, Txt2ImgRequest, job_body, webhook_body
+from dreamq.contract import (
+    MAX_SEED,
+    Img2ImgRequest,
+    InpaintRequest,
+    Text2VideoRequest,
+    Txt2ImgRequest,
+    job_body,
+    webhook_body,
+)
 from dreamq.schedulers import SCHEDULER_NAMES, UNUSABLE_SCHEDULERS, resolve_algorithm_type
 from storage.jobs import JobRecord, JobStatus, WebhookStatus
 
@@ -297,9 +305,9 @@ def test_other_webhooks_are_refused(url: str) -> None:
     }
 
 
-# ---------------------------------------------------------------- not yet served
+# ---------------------------------------------------------------- LoRA, helpers, flags
 
-UNSERVED_FLAGS = [
+FLAGS = [
     "enhance_prompt",
     "safety_checker",
     "tomesd",
@@ -312,61 +320,144 @@ UNSERVED_FLAGS = [
 ]
 
 
-def _unserved(field: str) -> dict[str, list[str]]:
-    attr = field.replace("_", " ")
-    return {field: [f"The {attr} field is not served by this deployment yet."]}
+@pytest.mark.parametrize("flag", FLAGS)
+@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("No", False), (None, None)])
+def test_feature_flags_parse(flag: str, value: Any, expected: bool | None) -> None:
+    assert getattr(parse(**{flag: value}), flag) is expected
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("lora_model", "ids"),
     [
-        ("lora_model", "ganyu-lora"),
-        ("lora_model", "ganyu-lora,more_details"),
-        ("embeddings_model", "easynegative"),
-        ("vae", "sd-vae-ft-mse"),
-        ("clip_skip", 2),
-        ("clip_skip", "3"),
-        ("upscale", "2"),
-        ("upscale", 3),
-        ("upscale", "yes"),
-        *[(flag, "yes") for flag in UNSERVED_FLAGS],
-        *[(flag, True) for flag in UNSERVED_FLAGS],
+        ("ganyu-lora", ("ganyu-lora",)),
+        ("ganyu-lora, more_details", ("ganyu-lora", "more_details")),
+        ("none", ()),
+        ("", ()),
+        (None, ()),
     ],
 )
-def test_features_not_served_are_refused_by_name(field: str, value: Any) -> None:
-    assert field_error(**{field: value}) == _unserved(field)
+def test_lora_model_is_one_id_or_a_comma_separated_list(lora_model: Any, ids: Any) -> None:
+    assert parse(lora_model=lora_model).lora_ids == ids
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("value", "message"),
     [
-        ("lora_model", None),
-        ("lora_model", ""),
-        ("embeddings_model", None),
-        ("vae", ""),
-        ("clip_skip", 1),
-        ("clip_skip", "1"),
-        ("clip_skip", None),
-        ("upscale", "no"),
-        ("upscale", None),
-        ("upscale", ""),
-        *[(flag, "no") for flag in UNSERVED_FLAGS],
-        *[(flag, "No") for flag in UNSERVED_FLAGS],
-        *[(flag, None) for flag in UNSERVED_FLAGS],
-        *[(flag, "") for flag in UNSERVED_FLAGS],
-        *[(flag, False) for flag in UNSERVED_FLAGS],
+        ("a,,b", "The lora model must be ids separated by commas."),
+        ("a,a", "The lora model names an id twice."),
+        ("a,b,c,d,e,f", "The lora model may name at most 5 ids."),
     ],
 )
-def test_values_that_ask_for_nothing_are_accepted(field: str, value: Any) -> None:
-    parse(**{field: value})
+def test_bad_lora_lists_are_refused(value: str, message: str) -> None:
+    assert field_error(lora_model=value) == {"lora_model": [message]}
 
 
-def test_every_unserved_field_is_reported_at_once() -> None:
-    body = {**BASE, **{flag: "yes" for flag in UNSERVED_FLAGS}, "vae": "x", "clip_skip": 2}
-    errors = errors_of(body)
-    assert set(errors) == {*UNSERVED_FLAGS, "vae", "clip_skip"}
-    for field, messages in errors.items():
-        assert {field: messages} == _unserved(field)
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0.6,0.4", (0.6, 0.4)), (0.5, (0.5,)), ("1", (1.0,))]
+)
+def test_lora_strength_is_one_or_more_numbers(value: Any, expected: Any) -> None:
+    assert parse(lora_model="a,b", lora_strength=value).lora_strength == expected
+
+
+@pytest.mark.parametrize("value", ["1.5", -0.1, "0.2,2"])
+def test_lora_strength_outside_0_1_is_refused(value: Any) -> None:
+    assert field_error(lora_model="a,b", lora_strength=value) == {
+        "lora_strength": ["Each lora strength must be a number between 0 and 1."]
+    }
+
+
+def test_lora_strength_must_be_numbers() -> None:
+    assert field_error(lora_model="a,b", lora_strength="0.5,x") == {
+        "lora_strength": ["The lora strength must be a number."]
+    }
+
+
+def test_lora_strength_count_must_match() -> None:
+    assert field_error(lora_model="a,b", lora_strength="0.1,0.2,0.3") == {
+        "lora_strength": ["The lora strength must give one value or one per LoRA (2)."]
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "factor"),
+    [
+        ("yes", 2),
+        (True, 2),
+        ("no", 1),
+        (False, 1),
+        ("1", 1),
+        ("2", 2),
+        (3, 3),
+        ("4", 4),
+        (None, None),
+    ],
+)
+def test_upscale_is_a_flag_or_a_factor(value: Any, factor: int | None) -> None:
+    assert parse(upscale=value).upscale == factor
+
+
+@pytest.mark.parametrize("value", ["5", "x", 2.5, -1])
+def test_other_upscale_values_are_refused(value: Any) -> None:
+    assert field_error(upscale=value) == {
+        "upscale": ['The upscale must be "yes", "no" or a factor from 1 to 4.']
+    }
+
+
+@pytest.mark.parametrize("field", ["embeddings_model", "vae"])
+def test_none_means_no_embedding_or_vae(field: str) -> None:
+    assert getattr(parse(**{field: "none"}), field) is None
+    assert getattr(parse(**{field: "x"}), field) == "x"
+
+
+def test_clip_skip_range() -> None:
+    assert parse(clip_skip="2").clip_skip == 2
+    assert field_error(clip_skip=9) == {"clip_skip": ["The clip skip must be between 1 and 8."]}
+
+
+def test_safety_checker_type_choices() -> None:
+    assert parse(safety_checker_type="Blur").safety_checker_type == "blur"
+    assert field_error(safety_checker_type="melt") == {
+        "safety_checker_type": [
+            "The safety checker type must be one of: black, blur, pixelate, sensitive_content_text."
+        ]
+    }
+
+
+def test_img2img_needs_an_init_image_and_strength_in_0_1() -> None:
+    errors = field_errors(_errors(Img2ImgRequest, {**BASE, "strength": 1.5}))
+    assert errors == {
+        "init_image": ["The init image field is required."],
+        "strength": ["The strength must be between 0 and 1."],
+    }
+
+
+def test_inpaint_needs_a_mask_and_takes_steps() -> None:
+    errors = field_errors(_errors(InpaintRequest, {**BASE, "init_image": "http://x/a.png"}))
+    assert errors == {"mask_image": ["The mask image field is required."]}
+    body = {**BASE, "init_image": "http://x/a.png", "mask_image": "http://x/m.png", "steps": "3"}
+    assert InpaintRequest.model_validate(body).steps == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "errors"),
+    [
+        ({"num_frames": 65}, {"num_frames": ["The num frames must be between 1 and 64."]}),
+        ({"output_type": "avi"}, {"output_type": ["The output type must be one of: mp4, gif."]}),
+        (
+            {"seconds": 9, "fps": 8},
+            {"seconds": ["The seconds times the fps must give 1 to 64 frames."]},
+        ),
+        ({"fps": 0}, {"fps": ["The fps must be between 1 and 60."]}),
+    ],
+)
+def test_text2video_limits(fields: dict[str, Any], errors: dict[str, list[str]]) -> None:
+    assert field_errors(_errors(Text2VideoRequest, {**BASE, **fields})) == errors
+
+
+def _errors(model: type[Any], body: dict[str, Any]) -> Any:
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(body)
+    return [{**e, "loc": ("body", *e["loc"])} for e in caught.value.errors()]
 
 
 # ---------------------------------------------------------------- key, unknown fields, track_id
