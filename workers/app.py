@@ -92,17 +92,24 @@ class WorkerRuntime:
         registry = _registry(settings)
         objects = open_object_store(settings)
         _expire_temp_outputs(objects)
+        durations = DurationRecorder(client)
+
+        def record_load(model_id: str, seconds: float) -> None:
+            try:
+                durations.record_load(model_id, seconds)
+            except redis.RedisError:  # a statistic: never worth failing the job that loaded
+                log.warning("model %s: could not record its load time", model_id)
+
         cache = PipelineCache(
             registry,
             device=settings.device,
             dtype=settings.dtype,
             idle_seconds=settings.model_idle_seconds,
+            on_load=record_load,
         )
-        durations = DurationRecorder(client)
         control = WorkerControl(
             client,
             cache,
-            durations,
             name=f"{socket.gethostname()}:{os.getpid()}",
             idle_seconds=settings.model_idle_seconds,
         )

@@ -22,7 +22,6 @@ from typing import Protocol
 import redis
 
 from storage import keys
-from storage.eta import DurationRecorder
 
 log = logging.getLogger("dreamq.worker")
 
@@ -36,8 +35,9 @@ class ModelCache(Protocol):
 
 
 def sweep_interval(idle_seconds: float) -> float:
-    """Often enough that a model is unloaded within a quarter of its idle period, at most 30 s."""
-    return min(30.0, max(0.05, idle_seconds / 4))
+    """Often enough that a model is unloaded within a quarter of its idle period, and at least
+    once a second so that stop() is prompt (a sweep is a dict scan: cheap)."""
+    return min(1.0, max(0.05, idle_seconds / 4))
 
 
 class WorkerControl:
@@ -45,14 +45,12 @@ class WorkerControl:
         self,
         client: redis.Redis,
         cache: ModelCache,
-        durations: DurationRecorder,
         *,
         name: str,
         idle_seconds: float,
     ) -> None:
         self._client = client  # kept: redis-py closes a pubsub's connection with its client
         self._cache = cache
-        self._durations = durations
         self.name = name
         self._interval = sweep_interval(idle_seconds)
         self._stop = threading.Event()
@@ -85,9 +83,7 @@ class WorkerControl:
     def handle(self, command: str) -> None:
         verb, _, argument = command.partition(" ")
         if verb == "warm" and argument:
-            seconds = self._cache.warm(argument)
-            if seconds > 0:
-                self._durations.record_load(argument, seconds)
+            seconds = self._cache.warm(argument)  # the cache reports the load time itself
             self.report()  # before the log line: whoever reads the log finds the list current
             log.info("model %s warm on request (%.2f s)", argument, seconds)
         else:

@@ -181,8 +181,11 @@ class PipelineCache:
         dtype: str = "auto",
         idle_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_load: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``on_load(model_id, seconds)`` is told of every load (the ETA of a reload uses it)."""
         self._registry = registry
+        self._on_load = on_load
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.idle_seconds = idle_seconds
@@ -213,6 +216,8 @@ class PipelineCache:
                 self._loaded[model_id] = loaded
                 self.stats.loads += 1
                 self.stats.load_seconds += loaded.load_seconds
+                if self._on_load is not None:
+                    self._on_load(model_id, loaded.load_seconds)
             self._last_used[model_id] = self._clock()
             return loaded
 

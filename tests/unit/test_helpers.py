@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,6 @@ from dreamq.jobparams import SAFETY_ACTIONS, SafetyAction
 from dreamq.registry import HelperEntry, Registry
 from workers.helpers import HelperModels, SafetyChecker, replace_flagged
 from workers.tiny import write_tiny_safety_checker, write_tiny_translator, write_tiny_upscaler
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # On a shared 2-core machine, torch's spinning worker threads turn a 0.1 s tiny upscale into
-    # several seconds whenever another process holds a core; one thread avoids the contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -180,11 +180,14 @@ def test_task_pipelines_keep_the_model_dtype(registry: Registry) -> None:
     assert loaded.pipe.text_encoder.dtype == torch.bfloat16
 
 
-def test_warm_reports_the_load_once(cache: PipelineCache) -> None:
+def test_warm_reports_the_load_once(registry: Registry, clock: FakeClock) -> None:
+    loads: list[tuple[str, float]] = []
+    cache = PipelineCache(registry, device="cpu", clock=clock, on_load=lambda *a: loads.append(a))
     seconds = cache.warm("tiny")
     assert seconds > 0
     assert cache.warm("tiny") == 0.0
     assert cache.stats.loads == 1
+    assert loads == [("tiny", seconds)]
     with pytest.raises(ModelLoadError, match="not served"):
         cache.warm("unknown")
 

@@ -5,7 +5,6 @@ the loader a real one takes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,6 @@ from workers.tiny import (
     write_tiny_sd_single_file,
     write_tiny_translator,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Run this module's inference on one thread: on a small machine shared with other processes,
-    two OpenMP threads spin-wait on each other and a 0.2 s tiny image takes 2-10 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
