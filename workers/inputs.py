@@ -349,35 +349,3 @@ def decode_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         # on a direct conversion).
         image = image.convert("RGBA")
     return image.convert("L" if field == "mask_image" else "RGB")
-
-
-def load_image(
-    ref: ImageInput,
-    *,
-    field: str,
-    objects: ObjectStore,
-    allow: list[Network],
-    max_bytes: int,
-    max_pixels: int,
-    timeout_seconds: float,
-    transport: httpx.BaseTransport | None = None,
-    resolve: Resolver | None = None,
-) -> Image.Image:
-    """Load one input image with a one-off `InputLoader` (workers keep one per process).
-
-    ``resolve`` replaces the system resolver (tests map names to addresses with it).
-    Raises `PublicJobError` naming ``field`` for any fault of the input.
-    """
-    loader = InputLoader(
-        objects=objects,
-        allow=allow,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        timeout_seconds=timeout_seconds,
-        transport=transport,
-        resolve=resolve,
-    )
-    try:
-        return loader.load(ref, field=field)
-    finally:
-        loader.close()

@@ -11,6 +11,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,8 +22,8 @@ from dreamq.errors import PublicJobError
 from dreamq.jobparams import ImageInput
 from dreamq.outbound import Network
 from dreamq.settings import Settings
-from storage.objects import MemoryObjectStore
-from workers.inputs import InputLoader, load_image
+from storage.objects import MemoryObjectStore, ObjectStore
+from workers.inputs import InputLoader
 
 LOOPBACK: list[Network] = [ipaddress.ip_network("127.0.0.0/8")]
 Route = Callable[[BaseHTTPRequestHandler], None]
@@ -175,6 +176,15 @@ def fetch(
         timeout_seconds=timeout_seconds,
         resolve=resolve,
     )
+
+
+def load_image(ref: ImageInput, *, field: str, objects: ObjectStore, **limits: Any) -> Image.Image:
+    """One load with a one-off loader (workers keep one per process)."""
+    loader = InputLoader(objects=objects, **limits)
+    try:
+        return loader.load(ref, field=field)
+    finally:
+        loader.close()
 
 
 def refused(call: Callable[[], object]) -> str:
