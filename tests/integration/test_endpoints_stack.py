@@ -150,6 +150,9 @@ def test_embedding_token_changes_the_image_only_when_asked(stack: Stack, events:
 @pytest.mark.parametrize(
     "fields",
     [
+        {"negative_prompt": "blurry"},
+        {"guidance_scale": 3},
+        {"num_inference_steps": 3},
         {"vae": "demo-vae"},
         {"clip_skip": 2},
         {"scheduler": "DPM++ 2M Karras"},

@@ -103,17 +103,23 @@ def test_submit_run_fetch_and_webhook(stack: Stack) -> None:
     events.close()
 
 
-@pytest.mark.parametrize("path", ["/api/v4/dreambooth/fetch/{id}", "/api/v3/dreambooth/fetch/{id}"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v4/dreambooth/fetch/{id}",
+        "/api/v3/dreambooth/fetch/{id}",
+        "/api/v6/images/fetch/{id}",
+    ],
+)
 def test_fetch_paths_and_isolation(stack: Stack, path: str) -> None:
     events = stack.events()
     job_id = submit(stack, seed=7)["id"]
     events.wait_for(job_id)
     mine = stack.api.post(path.format(id=job_id), json={"key": stack.key})
-    by_body = stack.api.post(
-        "/api/v4/dreambooth/fetch", json={"key": stack.key, "request_id": job_id}
-    )
     assert mine.json()["status"] == "success"
-    assert by_body.json() == mine.json()
+    for fetch_path in ("/api/v4/dreambooth/fetch", "/api/v6/images/fetch"):
+        by_body = stack.api.post(fetch_path, json={"key": stack.key, "request_id": job_id})
+        assert by_body.json() == mine.json()
 
     theirs = stack.api.post(path.format(id=job_id), json={"key": stack.other_key})
     unknown = stack.api.post(path.format(id=10**9), json={"key": stack.other_key})
