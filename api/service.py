@@ -98,12 +98,14 @@ class DreamboothService:
         if entry is None:
             raise ModelNotFound()
         file_prefix = str(uuid.uuid4())
-        params = self._params(kind, request, file_prefix)
+        # Inputs get their own secret name: file_prefix is public (every output link holds it).
+        input_token = str(uuid.uuid4())
+        params = self._params(kind, request, input_token)
         # Refused here, by name, rather than failed later on a GPU.
         errors = refusals(entry, params, self._registry)
         if errors:
             raise ValidationFailed(errors)
-        params = await self._store_inputs(request, params, file_prefix)
+        await self._store_inputs(request, params)
         extension = params.output_format
         links = [
             self._objects.url(output_key(file_prefix, i, extension, temp=params.temp))
@@ -185,7 +187,7 @@ class DreamboothService:
             await self._jobs.fail(job_id, "The queue is unavailable; the job was not started.")
             raise ServiceUnavailable("The queue is unavailable, try again later.") from None
 
-    def _params(self, kind: JobKind, request: GenerationRequest, file_prefix: str) -> JobParams:
+    def _params(self, kind: JobKind, request: GenerationRequest, input_token: str) -> JobParams:
         """The effective parameters: defaults applied, caps applied, aliases resolved."""
         steps = request.num_inference_steps
         if steps is None and isinstance(request, InpaintRequest):
@@ -237,9 +239,9 @@ class DreamboothService:
         extra: dict[str, Any] = {}
         if isinstance(request, Img2ImgRequest):
             extra["strength"] = request.strength if request.strength is not None else 0.7
-            extra["init_image"] = _image_ref(request.init_image, file_prefix, "init_image")
+            extra["init_image"] = _image_ref(request.init_image, input_token, "init_image")
         if isinstance(request, InpaintRequest):
-            extra["mask_image"] = _image_ref(request.mask_image, file_prefix, "mask_image")
+            extra["mask_image"] = _image_ref(request.mask_image, input_token, "mask_image")
         return JobParams(
             **common,
             samples=request.samples or DEFAULTS["samples"],
@@ -260,13 +262,11 @@ class DreamboothService:
             **extra,
         )
 
-    async def _store_inputs(
-        self, request: GenerationRequest, params: JobParams, file_prefix: str
-    ) -> JobParams:
+    async def _store_inputs(self, request: GenerationRequest, params: JobParams) -> None:
         """Decode base64 input images into the object store: job records stay small, and the
         worker reads every input the same way."""
         if not isinstance(request, Img2ImgRequest):
-            return params
+            return
         errors: FieldErrors = {}
         decoded: dict[str, bytes] = {}
         uses_base64 = bool(request.base64)
@@ -283,9 +283,10 @@ class DreamboothService:
         if errors:
             raise ValidationFailed(errors)
         for field, data in decoded.items():
-            key = input_key(file_prefix, field)
+            ref = getattr(params, field)
+            assert ref is not None and ref.object_key is not None  # _image_ref named it
+            key = ref.object_key
             await anyio.to_thread.run_sync(self._objects.put, key, data, "application/octet-stream")
-        return params
 
 
 ENHANCE_SUFFIX = ", highly detailed, sharp focus, professional photography, 8k"
@@ -307,11 +308,11 @@ def _is_url(value: str) -> bool:
     return value.strip().lower().startswith(("http://", "https://"))
 
 
-def _image_ref(value: str | None, file_prefix: str, field: str) -> ImageInput:
+def _image_ref(value: str | None, input_token: str, field: str) -> ImageInput:
     assert value is not None  # validated: required
     if _is_url(value):
         return ImageInput(url=value.strip())
-    return ImageInput(object_key=input_key(file_prefix, field))
+    return ImageInput(object_key=input_key(input_token, field))
 
 
 def decode_image_base64(value: str, *, explicit: bool, max_bytes: int) -> bytes:

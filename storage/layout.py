@@ -14,6 +14,8 @@ def output_key(file_prefix: str, index: int, extension: str = "png", *, temp: bo
     return TEMP_PREFIX + key if temp else key
 
 
-def input_key(file_prefix: str, field: str) -> str:
-    """Object key of an input image the API received as base64 (init_image, mask_image)."""
-    return f"{TEMP_PREFIX}inputs/{file_prefix}-{field}"
+def input_key(token: str, field: str) -> str:
+    """Object key of an input image the API received as base64 (init_image, mask_image).
+
+    ``token`` is a secret of the job record alone, never the public file_prefix."""
+    return f"{TEMP_PREFIX}inputs/{token}-{field}"

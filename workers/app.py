@@ -129,7 +129,8 @@ class WorkerRuntime:
             fetch_image=fetch_image,
             durations=durations,
             publisher=publisher,
-            after_job=control.report,
+            before_job=control.job_started,
+            after_job=control.job_finished,
         )
 
 

@@ -3,10 +3,11 @@
 Each pool process (one per GPU) runs one daemon thread that
 
 - listens on the `dreamq:control` channel: `warm <model_id>` (sent by model_reload) loads the
-  model now, so the next job finds it warm;
+  model as soon as no job runs in the process, so the next job finds it warm (never during a
+  job: the load would hold the cache and compete with the job for GPU memory);
 - every sweep interval unloads models unused for `DREAMQ_MODEL_IDLE_SECONDS`;
-- publishes the models it holds in `dreamq:workers:models` (process name -> JSON list), which
-  operators and the ETA read.
+- publishes the models it holds in `dreamq:workers:models` (process name -> JSON list), for
+  operators and tests (routing on it is later work).
 
 Pub/sub is fire-and-forget: a process that is down when a reload is asked simply loads the model
 on its first job, which is what would happen without the reload.
@@ -56,6 +57,9 @@ class WorkerControl:
         self._stop = threading.Event()
         self._reported: list[str] | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Event()  # set while no job runs in this process
+        self._idle.set()
+        self._pending: list[str] = []  # models asked to warm, waiting for the process to idle
         self._thread = threading.Thread(target=self._loop, name="dreamq-control", daemon=True)
 
     def start(self) -> None:
@@ -80,14 +84,29 @@ class WorkerControl:
             self._client.hset(keys.WORKER_MODELS, self.name, json.dumps(loaded))
             self._reported = loaded
 
+    def job_started(self) -> None:
+        self._idle.clear()
+
+    def job_finished(self) -> None:
+        self._idle.set()
+        self.report()
+
     def handle(self, command: str) -> None:
         verb, _, argument = command.partition(" ")
         if verb == "warm" and argument:
-            seconds = self._cache.warm(argument)  # the cache reports the load time itself
-            self.report()  # before the log line: whoever reads the log finds the list current
-            log.info("model %s warm on request (%.2f s)", argument, seconds)
+            if argument not in self._pending:
+                self._pending.append(argument)
+            self.warm_pending()
         else:
             log.warning("control: unknown command %r", command)
+
+    def warm_pending(self) -> None:
+        """Load the models asked for, while no job runs (the runner waits for a load at most)."""
+        while self._pending and self._idle.is_set():
+            model_id = self._pending.pop(0)
+            seconds = self._cache.warm(model_id)  # the cache reports the load time itself
+            self.report()  # before the log line: whoever reads the log finds the list current
+            log.info("model %s warm on request (%.2f s)", model_id, seconds)
 
     def sweep(self) -> list[str]:
         unloaded = self._cache.unload_idle()
@@ -104,6 +123,7 @@ class WorkerControl:
                 if message is not None and message.get("type") == "message":
                     data = message["data"]
                     self.handle(data.decode() if isinstance(data, bytes) else str(data))
+                self.warm_pending()
                 self.sweep()
                 self.report()
             except redis.RedisError:

@@ -70,6 +70,7 @@ class JobRunner:
         fetch_image: FetchImage,
         durations: DurationRecorder,
         publisher: Publisher,
+        before_job: Callable[[], None] = lambda: None,
         after_job: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -80,10 +81,18 @@ class JobRunner:
         self._fetch_image = fetch_image
         self._durations = durations
         self._publisher = publisher
+        self._before_job = before_job
         self._after_job = after_job
         self._clock = clock
 
     def run(self, job_id: int) -> None:
+        self._hook(self._before_job)
+        try:
+            self._run(job_id)
+        finally:
+            self._hook(self._after_job)
+
+    def _run(self, job_id: int) -> None:
         job = self._jobs.claim(job_id)
         if job is None:
             # Unknown, or already terminal: a duplicate delivery of a finished job.
@@ -103,12 +112,12 @@ class JobRunner:
             finished = self._jobs.succeed(
                 job_id, output=outcome.output, generation_time=outcome.seconds, meta=outcome.meta
             )
-            self._durations.record(
-                job.model_id, outcome.units, outcome.seconds, self._clock() - started
-            )
             log.info("job %s: success in %.3f s", job_id, outcome.seconds)
-        finally:
-            self._after_job()
+            self._hook(
+                lambda: self._durations.record(
+                    job.model_id, outcome.units, outcome.seconds, self._clock() - started
+                )
+            )
         if finished and job.webhook:
             self._hand_off_webhook(job_id)
 
@@ -134,7 +143,10 @@ class JobRunner:
             english = translator.translate(params.prompt)
             meta["translated_prompt"] = english
             params = dataclasses.replace(params, prompt=english)
-        generation = self._generator.run(job.model_id, params, init_image=init, mask_image=mask)
+        try:
+            generation = self._generator.run(job.model_id, params, init_image=init, mask_image=mask)
+        except ValueError as exc:  # what only the loaded model can tell (its layers, scheduler)
+            raise PublicJobError(str(exc)) from exc
         images = generation.images
         if params.kind == "text2video":
             assert params.fps is not None  # checked by JobParams
@@ -161,6 +173,14 @@ class JobRunner:
             params.samples * (params.num_frames or 1),
         )
         return Outcome(output=list(output[: len(blobs)]), seconds=seconds, meta=meta, units=units)
+
+    @staticmethod
+    def _hook(call: Callable[[], None]) -> None:
+        # Statistics and reports: a Redis blip there must not cost the job its webhook.
+        try:
+            call()
+        except Exception:
+            log.warning("worker bookkeeping failed", exc_info=True)
 
     def _input(self, ref: ImageInput | None, field: str) -> Image.Image | None:
         return None if ref is None else self._fetch_image(ref, field)

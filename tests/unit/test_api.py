@@ -299,6 +299,8 @@ def test_base64_inputs_go_to_the_object_store(
     ref = JobParams.from_dict(job.params).init_image
     assert ref is not None and ref.object_key is not None
     assert api.objects.get(ref.object_key) == PNG_BYTES
+    # Not under the public file_prefix: an output link must not lead to the client's input.
+    assert answer["meta"]["file_prefix"] not in ref.object_key
     assert "base64" not in json.dumps(job.params["init_image"])
 
 

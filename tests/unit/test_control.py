@@ -88,3 +88,18 @@ def test_sweep_interval_bounds() -> None:
     assert sweep_interval(604800) == 1.0
     assert sweep_interval(1) == 0.25
     assert sweep_interval(0.01) == 0.05
+
+
+def test_warm_waits_until_no_job_runs(client: redis.Redis) -> None:
+    cache = FakeCache()
+    worker = control(client, cache)
+    worker.job_started()
+    worker.handle("warm demo")
+    worker.handle("warm demo")  # asked twice: loaded once
+    assert cache.loaded == []
+    worker.warm_pending()
+    assert cache.loaded == []
+    worker.job_finished()
+    worker.warm_pending()
+    assert cache.loaded == ["demo"]
+    assert held(client) == ["demo"]

@@ -224,3 +224,20 @@ def test_plms_runs_few_steps_on_a_model_with_another_scheduler(generator: Genera
     # steps, which need at least 4 (diffusers raises below). make_scheduler asks for PLMS.
     video = generator.run("demo-video", params("text2video", scheduler="PLMS", steps=2))
     assert len(video.images) == 2
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((72, 64), (72, 64)),
+        ((75, 70), (72, 64)),
+        ((4096, 2048), (1024, 512)),
+        ((900, 3000), (304, 1024)),
+    ],
+)
+def test_an_init_image_size_is_rounded_and_brought_within_1024(
+    size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    from workers.pipelines.common import output_size
+
+    assert output_size(None, None, Image.new("RGB", size)) == expected

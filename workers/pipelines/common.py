@@ -144,17 +144,23 @@ def _calls_back_per_timestep(pipe: DiffusionPipeline) -> bool:
     return "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
 
 
+MAX_SIDE = 1024
+"""The contract's largest width or height; an init image's size is brought within it."""
+
+
 def output_size(
     width: int | None, height: int | None, init_image: Image.Image | None
 ) -> tuple[int, int]:
-    """The job's image size: as requested, else the init image's, rounded down to 8."""
+    """The job's image size: as requested, else the init image's, scaled down (keeping its
+    aspect ratio) to the contract's largest side, then rounded down to 8."""
     if width is not None and height is not None:
         return width, height
     if init_image is None:
         raise ValueError("The job has no size and no init image to take it from.")
+    scale = min(1.0, MAX_SIDE / max(init_image.width, init_image.height))
     size = (
-        width if width is not None else _round_down(init_image.width),
-        height if height is not None else _round_down(init_image.height),
+        width if width is not None else _round_down(int(init_image.width * scale)),
+        height if height is not None else _round_down(int(init_image.height * scale)),
     )
     if min(size) < SIZE_MULTIPLE:
         raise ValueError(f"The init image is smaller than {SIZE_MULTIPLE} pixels.")
