@@ -106,8 +106,17 @@ class _Deadline:
     def passed(self) -> bool:
         return self.expired or self.remaining() <= 0
 
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: watch the socket from the moment it connects, so the deadline
+        also cuts a server that trickles its status line and headers."""
+        if event == "connection.connect_tcp.complete":
+            self.watch_stream(info.get("return_value"))
+
     def watch(self, response: httpx.Response) -> None:
-        stream: Any = response.extensions.get("network_stream")  # absent with mock transports
+        # absent with mock transports
+        self.watch_stream(response.extensions.get("network_stream"))
+
+    def watch_stream(self, stream: Any) -> None:
         sock = stream.get_extra_info("socket") if stream is not None else None
         with self._lock:
             self._socket = sock if isinstance(sock, socket.socket) else None
@@ -162,7 +171,13 @@ class InputLoader:
         self._timeout = timeout_seconds
         self._resolve = resolve
         self._client = httpx.Client(
-            transport=transport, follow_redirects=False, trust_env=False, headers=_HEADERS
+            transport=transport,
+            follow_redirects=False,
+            trust_env=False,
+            headers=_HEADERS,
+            # A fresh connection per fetch: the deadline watches each socket from its connect,
+            # and input fetches are rare beside the seconds of GPU work they feed.
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     @classmethod
@@ -231,7 +246,9 @@ class InputLoader:
             remaining = deadline.remaining()
             if remaining <= 0:
                 raise self._timed_out(field)
-            request = self._client.build_request("GET", hop.url, timeout=remaining)
+            request = self._client.build_request(
+                "GET", hop.url, timeout=remaining, extensions={"trace": deadline.trace}
+            )
             response = self._client.send(request, stream=True)
             try:
                 deadline.watch(response)

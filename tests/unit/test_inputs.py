@@ -110,6 +110,21 @@ def endless(*, declared: int | None) -> Route:
     return route
 
 
+def slow_headers(stop: threading.Event, *, interval: float) -> Route:
+    """A status line, then one header byte every ``interval`` seconds: never a whole response."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        handler.wfile.flush()
+        started = time.monotonic()
+        while not stop.is_set() and time.monotonic() - started < 30:
+            handler.wfile.write(b"a")
+            handler.wfile.flush()
+            stop.wait(interval)
+
+    return route
+
+
 def drip(stop: threading.Event, *, interval: float, stall_after: float | None = None) -> Route:
     """A byte every ``interval`` seconds; after ``stall_after`` seconds, silence on an open
     connection (each read then blocks until the client gives up)."""
@@ -377,6 +392,14 @@ def test_slow_drip_is_cut_at_the_total_deadline(http_server: HttpServer) -> None
     elapsed = time.monotonic() - started
     assert message == "The init_image could not be fetched within 0.5 seconds."
     assert 0.5 <= elapsed < 1.5
+
+
+def test_headers_trickled_byte_by_byte_are_cut_at_the_deadline(http_server: HttpServer) -> None:
+    http_server.routes["/headers"] = slow_headers(http_server.stop, interval=0.05)
+    started = time.monotonic()
+    message = refused(lambda: fetch(http_server.url("/headers"), timeout_seconds=0.5))
+    assert message == "The init_image could not be fetched within 0.5 seconds."
+    assert time.monotonic() - started < 1.5
 
 
 def test_stall_late_in_the_body_is_cut_at_the_deadline(http_server: HttpServer) -> None:
