@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from dreamq.capabilities import unknown_ids
 from dreamq.contract import attribute
 from dreamq.errors import DreamqError, FieldErrors
 
@@ -57,6 +58,16 @@ def field_errors(errors: Any) -> FieldErrors:
     return fields
 
 
+async def _known_key(request: Request, key: Any) -> bool:
+    if not isinstance(key, str) or not key:
+        return False
+    try:
+        await request.app.state.service.authenticate(key)
+    except DreamqError:
+        return False
+    return True
+
+
 def install(app: FastAPI, *, legacy_http_200: bool) -> None:
     def status(code: int) -> int:
         return 200 if legacy_http_200 else code  # [compat] the hosted API answers 200 to errors
@@ -67,7 +78,15 @@ def install(app: FastAPI, *, legacy_http_200: bool) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return JSONResponse(error_body(field_errors(exc.errors())), status_code=status(400))
+        errors = field_errors(exc.errors())
+        if isinstance(exc.body, dict) and await _known_key(request, exc.body.get("key")):
+            # Every offending field at once: unknown LoRA/embedding/VAE ids too, which are
+            # otherwise checked after validation (and only for a valid key: the registry is
+            # the deployment's business).
+            registry = request.app.state.service.registry
+            for field, messages in unknown_ids(registry, exc.body).items():
+                errors.setdefault(field, messages)
+        return JSONResponse(error_body(errors), status_code=status(400))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)

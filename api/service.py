@@ -83,6 +83,10 @@ class DreamboothService:
         self._publisher = publisher
         self._clock = clock
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
     async def authenticate(self, key: str | None) -> KeyInfo:
         info = await self._keys.lookup(key)
         if info is None:

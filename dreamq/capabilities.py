@@ -23,7 +23,9 @@ Facts the rules rest on (diffusers 0.42.1):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
+from dreamq.contract import NO_ID_WORDS
 from dreamq.jobparams import JobKind, JobParams
 from dreamq.registry import ModelEntry, ModelFamily, ModelKind, Registry
 from dreamq.schedulers import resolve_scheduler_name
@@ -180,13 +182,13 @@ def _adapters(entry: ModelEntry, params: JobParams, registry: Registry, refuse: 
         seen.add(lora.id)
         known = registry.loras.get(lora.id)
         if known is None:
-            refuse("lora_model", f"The LoRA {lora.id} is not available.")
+            refuse("lora_model", _unknown("LoRA", lora.id))
         elif known.family != entry.family:
             refuse("lora_model", _family_message("LoRA", lora.id, known.family, entry.family))
     if params.embedding is not None:
         embedding = registry.embeddings.get(params.embedding)
         if embedding is None:
-            refuse("embeddings_model", f"The embedding {params.embedding} is not available.")
+            refuse("embeddings_model", _unknown("embedding", params.embedding))
         elif embedding.family != entry.family:
             refuse(
                 "embeddings_model",
@@ -195,9 +197,35 @@ def _adapters(entry: ModelEntry, params: JobParams, registry: Registry, refuse: 
     if params.vae is not None:
         vae = registry.vaes.get(params.vae)
         if vae is None:
-            refuse("vae", f"The VAE {params.vae} is not available.")
+            refuse("vae", _unknown("VAE", params.vae))
         elif vae.family != entry.family:
             refuse("vae", _family_message("VAE", params.vae, vae.family, entry.family))
+
+
+def unknown_ids(registry: Registry, body: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Registry ids a raw request body names that the registry lacks, in the vendor's shape.
+
+    For bodies that failed validation elsewhere: the answer then names these fields too, so a
+    client learns every offending field at once. Values that are not text are left to the
+    validation messages.
+    """
+    errors: dict[str, list[str]] = {}
+    for field, what, known in (
+        ("lora_model", "LoRA", registry.loras),
+        ("embeddings_model", "embedding", registry.embeddings),
+        ("vae", "VAE", registry.vaes),
+    ):
+        value = body.get(field)
+        if not isinstance(value, str):
+            continue
+        for item in (part.strip() for part in value.split(",")):
+            if item and item.lower() not in NO_ID_WORDS and item not in known:
+                errors.setdefault(field, []).append(_unknown(what, item))
+    return errors
+
+
+def _unknown(what: str, name: str) -> str:
+    return f"The {what} {name} is not available."
 
 
 def _family_message(what: str, name: str, family: ModelFamily, model_family: ModelFamily) -> str:

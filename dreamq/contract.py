@@ -202,9 +202,12 @@ def _is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+NO_ID_WORDS = ("none", "no", "null")
+
+
 def _none_word(value: Any) -> Any:
     # [compat] clients send "none" (and "no") for "no LoRA / embedding / VAE".
-    if isinstance(value, str) and value.strip().lower() in ("none", "no", "null"):
+    if isinstance(value, str) and value.strip().lower() in NO_ID_WORDS:
         return None
     return value
 

@@ -187,8 +187,23 @@ def test_validation_errors_name_each_field_and_never_echo_the_key(api: Api) -> N
 def test_unknown_registry_ids_are_refused_naming_each_field(api: Api) -> None:
     response = txt2img(api, lora_model="a,nope", embeddings_model="nope", vae="nope")
     assert response.status_code == 400
-    assert set(response.json()["message"]) == {"lora_model", "embeddings_model", "vae"}
+    assert response.json()["message"] == {
+        "lora_model": ["The LoRA nope is not available."],
+        "embeddings_model": ["The embedding nope is not available."],
+        "vae": ["The VAE nope is not available."],
+    }
     assert api.publisher.jobs == []
+
+
+def test_unknown_registry_ids_are_named_beside_other_field_errors(api: Api) -> None:
+    fields = {"width": "wide", "lora_model": "a, nope,none", "vae": "none"}
+    assert txt2img(api, **fields).json()["message"] == {
+        "width": ["The width must be a number."],
+        "lora_model": ["The LoRA nope is not available."],
+    }
+    # Not for an unknown key: the registry is not a stranger's business.
+    anonymous = api.client.post("/api/v4/dreambooth", json={"key": "dq_x", "prompt": "p", **fields})
+    assert set(anonymous.json()["message"]) == {"width", "model_id"}
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_capabilities_is_torch_free() -> None:
         if isinstance(node, ast.Import)
         for alias in node.names
     }
-    assert imported <= {"__future__", "collections", "dreamq"}
+    assert imported <= {"__future__", "collections", "dreamq", "typing"}
 
 
 def test_job_kinds_per_model_kind() -> None:
