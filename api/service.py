@@ -39,6 +39,7 @@ from dreamq.errors import (
     ValidationFailed,
 )
 from dreamq.jobparams import (
+    DEFAULT_STRENGTH,
     SAFETY_ACTIONS,
     ImageInput,
     JobKind,
@@ -242,7 +243,8 @@ class DreamboothService:
         assert safety_type in SAFETY_ACTIONS  # validated
         extra: dict[str, Any] = {}
         if isinstance(request, Img2ImgRequest):
-            extra["strength"] = request.strength if request.strength is not None else 0.7
+            strength = request.strength
+            extra["strength"] = DEFAULT_STRENGTH if strength is None else strength
             extra["init_image"] = _image_ref(request.init_image, input_token, "init_image")
         if isinstance(request, InpaintRequest):
             extra["mask_image"] = _image_ref(request.mask_image, input_token, "mask_image")

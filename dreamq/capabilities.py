@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dreamq.contract import NO_ID_WORDS
-from dreamq.jobparams import JobKind, JobParams
+from dreamq.jobparams import DEFAULT_STRENGTH, JobKind, JobParams
 from dreamq.registry import ModelEntry, ModelFamily, ModelKind, Registry
 from dreamq.schedulers import resolve_scheduler_name
 
@@ -85,7 +85,7 @@ def denoising_steps(steps: int, strength: float) -> int:
 
 def effective_strength(params: JobParams) -> float:
     # [compat] the hosted API's default strength for img2img and inpainting.
-    return 0.7 if params.strength is None else params.strength
+    return DEFAULT_STRENGTH if params.strength is None else params.strength
 
 
 def refusals(entry: ModelEntry, params: JobParams, registry: Registry) -> dict[str, list[str]]:

@@ -19,6 +19,9 @@ OutputFormat = Literal["png", "mp4", "gif"]
 SafetyAction = Literal["black", "blur", "pixelate", "sensitive_content_text"]
 SAFETY_ACTIONS: tuple[SafetyAction, ...] = ("black", "blur", "pixelate", "sensitive_content_text")
 
+DEFAULT_STRENGTH = 0.7
+"""img2img and inpaint strength when a request gives none (the contract's default)."""
+
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "mp4": "video/mp4", "gif": "image/gif"}
 
 
