@@ -6,9 +6,15 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dreamq.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.apikeys import WebhookSecrets
+    from workers.webhooks import WebhookDispatcher
 
 
 def _settings() -> Settings:
@@ -79,11 +85,107 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from storage.apikeys import ApiKeyStore
 
     settings = _settings()
-    key, info = ApiKeyStore(redis.Redis.from_url(settings.redis_url)).create(args.name)
+    store = ApiKeyStore(redis.Redis.from_url(settings.redis_url))
+    key, info = store.create(args.name)
+    found = store.webhook_secrets(info.id)
+    secret = found.primary if found else ""
     if args.json:
-        print(json.dumps({"name": info.name, "id": info.id, "key": key}))
+        print(json.dumps({"name": info.name, "id": info.id, "key": key, "webhook_secret": secret}))
     else:
         print(f"created key {info.id} ({info.name}); it is shown once, store it now:\n{key}")
+        print(f"webhook signing secret (`dreamq keys secret {info.id}` shows it again):\n{secret}")
+    return 0
+
+
+def _print_secrets(key_id: str, found: WebhookSecrets | None, as_json: bool) -> int:
+    if found is None:
+        print(f"no webhook secret for key {key_id} (unknown key?)", file=sys.stderr)
+        return 1
+    answer = {
+        "id": key_id,
+        "webhook_secret": found.primary,
+        "previous_webhook_secret": found.previous,
+        "previous_valid_until": found.previous_until,
+    }
+    if as_json:
+        print(json.dumps(answer))
+    else:
+        print(found.primary)
+        if found.previous and found.previous_until:
+            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(found.previous_until))
+            print(f"previous secret, still signing until {until}:\n{found.previous}")
+    return 0
+
+
+def cmd_keys_secret(args: argparse.Namespace) -> int:
+    import redis
+
+    from storage.apikeys import ApiKeyStore
+
+    store = ApiKeyStore(redis.Redis.from_url(_settings().redis_url))
+    return _print_secrets(args.key_id, store.webhook_secrets(args.key_id), args.json)
+
+
+def cmd_keys_rotate_secret(args: argparse.Namespace) -> int:
+    import redis
+
+    from storage.apikeys import ApiKeyStore
+
+    settings = _settings()
+    store = ApiKeyStore(redis.Redis.from_url(settings.redis_url))
+    window = settings.webhook_secret_rotation_seconds
+    found = store.rotate_webhook_secret(args.key_id, window_seconds=window)
+    return _print_secrets(args.key_id, found, args.json)
+
+
+def _webhook_dispatcher(settings: Settings) -> WebhookDispatcher:
+    import redis
+
+    from dreamq.outbound import parse_cidrs
+    from storage.apikeys import ApiKeyStore
+    from storage.jobs import JobStore
+    from workers.webhooks import HttpWebhookSender, WebhookDispatcher
+
+    client = redis.Redis.from_url(settings.redis_url)
+    api_keys = ApiKeyStore(client)
+
+    def signing_secrets(owner: str, now: float) -> list[str]:
+        found = api_keys.webhook_secrets(owner)
+        return found.signing(now) if found else []
+
+    return WebhookDispatcher(
+        jobs=JobStore(client, ttl_seconds=settings.job_ttl_seconds),
+        sender=HttpWebhookSender(settings.webhook_timeout_seconds),
+        secrets=signing_secrets,
+        allow=parse_cidrs(settings.outbound_allow_cidrs),
+    )
+
+
+def cmd_jobs_replay_webhook(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _logging(settings)
+    outcome = _webhook_dispatcher(settings).replay(args.job_id)
+    if outcome is None:
+        print(f"job {args.job_id}: no webhook to replay (unknown, not finished, no webhook URL, "
+              "or an attempt in flight)", file=sys.stderr)  # fmt: skip
+        return 1
+    print(json.dumps({"webhook_status": outcome.status.value, **(outcome.record or {})}))
+    return 0 if outcome.status.value == "sent" else 2
+
+
+def cmd_jobs_webhook(args: argparse.Namespace) -> int:
+    import redis
+
+    from storage.jobs import JobStore
+
+    settings = _settings()
+    jobs = JobStore(redis.Redis.from_url(settings.redis_url), ttl_seconds=settings.job_ttl_seconds)
+    job = jobs.get(args.job_id)
+    if job is None:
+        print(f"job {args.job_id}: unknown", file=sys.stderr)
+        return 1
+    status, attempts = job.webhook_status.value, jobs.webhook_attempts(args.job_id)
+    print(json.dumps({"id": job.id, "webhook_status": status, "attempts": attempts}))
     return 0
 
 
@@ -126,6 +228,29 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--json", action="store_true", help="print a JSON object")
     create.set_defaults(func=cmd_keys_create)
+    secret = keys_sub.add_parser("secret", help="show a key's webhook signing secret(s)")
+    secret.add_argument("key_id", help="the key's public id (from keys create)")
+    secret.add_argument("--json", action="store_true", help="print a JSON object")
+    secret.set_defaults(func=cmd_keys_secret)
+    rotate = keys_sub.add_parser(
+        "rotate-secret",
+        help="a new webhook secret; the old one keeps signing for "
+        "DREAMQ_WEBHOOK_SECRET_ROTATION_SECONDS",
+    )
+    rotate.add_argument("key_id")
+    rotate.add_argument("--json", action="store_true", help="print a JSON object")
+    rotate.set_defaults(func=cmd_keys_rotate_secret)
+
+    jobs = sub.add_parser("jobs", help="operate on jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    replay = jobs_sub.add_parser(
+        "replay-webhook", help="re-send a job's webhook now (same webhook-id, one attempt)"
+    )
+    replay.add_argument("job_id", type=int)
+    replay.set_defaults(func=cmd_jobs_replay_webhook)
+    show = jobs_sub.add_parser("webhook", help="a job's webhook status and every attempt (JSON)")
+    show.add_argument("job_id", type=int)
+    show.set_defaults(func=cmd_jobs_webhook)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model (offline)")
     tiny.add_argument("directory")

@@ -9,6 +9,7 @@ child.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ import redis
 
 from dreamq.settings import Settings
 from storage import keys
-from storage.apikeys import ApiKeyStore
+from storage.apikeys import KEY_PREFIX, ApiKeyStore
 
 READY_TIMEOUT = 120.0
 LOOPBACK = "127.0.0.0/8,::1/128"
@@ -125,10 +126,10 @@ class DevStack:
         embedded = _EmbeddedRedis(self.directory / "redis")
         try:
             settings = self._settings(embedded.url)
-            key = self._register_key(settings)
+            key, secret = self._register_key(settings)
             self._spawn(settings)
             self._wait_ready(settings)
-            self._announce(settings, key, embedded.kind)
+            self._announce(settings, key, secret, embedded.kind)
             return self._supervise()
         finally:
             self._stop_children()
@@ -159,13 +160,13 @@ class DevStack:
             write_demo_registry(folder)
         return path
 
-    def _register_key(self, settings: Settings) -> str:
+    def _register_key(self, settings: Settings) -> tuple[str, str]:
+        """The dev API key and its webhook signing secret."""
         store = ApiKeyStore(redis.Redis.from_url(settings.redis_url))
-        if settings.dev_api_key:
-            store.register(settings.dev_api_key, "dev")
-            return settings.dev_api_key
-        key, _ = store.create("dev")
-        return key
+        key = settings.dev_api_key or KEY_PREFIX + secrets.token_urlsafe(32)
+        info = store.register(key, "dev", webhook_secret=settings.dev_webhook_secret)
+        found = store.webhook_secrets(info.id)
+        return key, found.primary if found else ""
 
     def _spawn(self, settings: Settings) -> None:
         env = {**os.environ, **_settings_env(settings)}
@@ -195,11 +196,11 @@ class DevStack:
 
         wait_until(ready, READY_TIMEOUT, "the API and a worker")
 
-    def _announce(self, settings: Settings, key: str, redis_kind: str) -> None:
+    def _announce(self, settings: Settings, key: str, secret: str, redis_kind: str) -> None:
         url = settings.public_url
         print(
             f"\ndreamq dev ready: {url}  (docs {url}/docs)\n"
-            f"DREAMQ_URL={url}\nDREAMQ_KEY={key}\n"
+            f"DREAMQ_URL={url}\nDREAMQ_KEY={key}\nDREAMQ_WEBHOOK_SECRET={secret}\n"
             f"DREAMQ_REDIS_URL={settings.redis_url} ({redis_kind})\n"
             f"try:\n  curl -s {url}/api/v4/dreambooth -H 'content-type: application/json' "
             f'-d \'{{"key": "{key}", "model_id": "demo", "prompt": "a red fox", '

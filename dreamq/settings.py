@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dreamq.signing import is_secret
+
 
 class Settings(BaseSettings):
     """Every knob of dreamq. Each field is the environment variable ``DREAMQ_<NAME>``."""
@@ -63,6 +65,18 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         10.0, gt=0, description="Per-attempt timeout of a webhook POST."
     )
+    webhook_retry_schedule: str = Field(
+        "5,300,1800,7200,18000,36000,36000",
+        description="Comma-separated seconds to wait before each webhook retry (one attempt more "
+        "than entries); each wait is jittered by +-20%. The default (Standard Webhooks') spans "
+        "27.6 h.",
+    )
+    webhook_secret_rotation_seconds: float = Field(
+        24 * 3600.0,
+        ge=0,
+        description="After `dreamq keys rotate-secret`, how long the old webhook secret still "
+        "signs deliveries alongside the new one.",
+    )
     outbound_allow_cidrs: str = Field(
         "",
         description="Comma-separated private CIDRs dreamq may connect to for webhooks and image "
@@ -94,6 +108,11 @@ class Settings(BaseSettings):
     dev_api_key: str | None = Field(
         None, description="dreamq dev only: the API key to register (else one is generated)."
     )
+    dev_webhook_secret: str | None = Field(
+        None,
+        description="dreamq dev only: the dev key's webhook signing secret, whsec_... (else one "
+        "is generated).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of every dreamq process."
     )
@@ -102,6 +121,19 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _check_retry_schedule(cls, value: str) -> str:
+        parse_retry_schedule(value)
+        return value
+
+    @field_validator("dev_webhook_secret")
+    @classmethod
+    def _check_dev_webhook_secret(cls, value: str | None) -> str | None:
+        if value and not is_secret(value):
+            raise ValueError("DREAMQ_DEV_WEBHOOK_SECRET must be whsec_<base64 of 24+ bytes>")
+        return value
 
     @model_validator(mode="after")
     def _check_storage_url(self) -> Settings:
@@ -112,3 +144,18 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return parse_retry_schedule(self.webhook_retry_schedule)
+
+
+def parse_retry_schedule(text: str) -> tuple[float, ...]:
+    """'5,300,1800' -> (5.0, 300.0, 1800.0): the waits before retries 1, 2, 3. Empty: no retry."""
+    try:
+        delays = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError("a retry schedule is comma-separated seconds, e.g. 5,300,1800") from None
+    if any(not delay >= 0 or delay == float("inf") for delay in delays):
+        raise ValueError("retry delays must be finite and >= 0 seconds")
+    return delays

@@ -1,16 +1,22 @@
-"""API keys, stored hashed. The plaintext is shown once, at creation, and never stored or logged."""
+"""API keys, stored hashed. The plaintext is shown once, at creation, and never stored or logged.
+
+Each key also holds the Standard Webhooks secret its jobs' webhooks are signed with. A rotation
+makes a new secret primary and keeps the old one valid (signed alongside) for a window, so a
+receiver can switch without missing a delivery.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+from dreamq.signing import new_secret
 from storage import keys
 
 KEY_PREFIX = "dq_"
@@ -23,6 +29,21 @@ class KeyInfo:
     name: str
     created_at: float
     revoked: bool = False
+
+
+@dataclass(frozen=True)
+class WebhookSecrets:
+    primary: str = field(repr=False)
+    previous: str | None = field(default=None, repr=False)
+    previous_until: float | None = None
+    """Until when (epoch seconds) the previous secret still signs, after a rotation."""
+
+    def signing(self, now: float) -> list[str]:
+        """The secrets a delivery made at `now` is signed with, primary first."""
+        valid = [self.primary]
+        if self.previous and self.previous_until is not None and now < self.previous_until:
+            valid.append(self.previous)
+        return valid
 
 
 def hash_key(key: str) -> str:
@@ -53,17 +74,26 @@ class ApiKeyStore:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         return key, self.register(key, name)
 
-    def register(self, key: str, name: str) -> KeyInfo:
-        """Store a given key (the dev stack's fixed key); idempotent for the same key."""
+    def register(self, key: str, name: str, *, webhook_secret: str | None = None) -> KeyInfo:
+        """Store a given key (the dev stack's fixed key); idempotent for the same key. A given
+        `webhook_secret` (the dev stack's fixed one) replaces the key's secret."""
         digest = hash_key(key)
         existing = self._r.hgetall(keys.api_key(digest))
         if existing:
+            if webhook_secret:
+                self._r.hset(keys.api_key(digest), "webhook_secret", webhook_secret)
             return _decode(existing)
         info = KeyInfo(id=secrets.token_hex(8), name=name, created_at=time.time())
         pipe = self._r.pipeline()
         pipe.hset(
             keys.api_key(digest),
-            mapping={"id": info.id, "name": name, "created_at": info.created_at, "revoked": "0"},
+            mapping={
+                "id": info.id,
+                "name": name,
+                "created_at": info.created_at,
+                "revoked": "0",
+                "webhook_secret": webhook_secret or new_secret(),
+            },
         )
         pipe.hset(keys.API_KEY_NAMES, info.id, digest)
         pipe.execute()
@@ -73,6 +103,51 @@ class ApiKeyStore:
         raw = self._r.hgetall(keys.api_key(hash_key(key)))
         info = _decode(raw) if raw else None
         return info if info and not info.revoked else None
+
+    def webhook_secrets(self, key_id: str) -> WebhookSecrets | None:
+        """The signing secrets of a key by its public id (a job's owner); None when the key is
+        unknown or predates signing (its deliveries then go unsigned until a rotation)."""
+        digest = self._r.hget(keys.API_KEY_NAMES, key_id)
+        if digest is None:
+            return None
+        raw = _text_map(self._r.hgetall(keys.api_key(_text(digest))))
+        if not raw.get("webhook_secret"):
+            return None
+        until = raw.get("webhook_secret_previous_until")
+        return WebhookSecrets(
+            primary=raw["webhook_secret"],
+            previous=raw.get("webhook_secret_previous") or None,
+            previous_until=float(until) if until else None,
+        )
+
+    def rotate_webhook_secret(
+        self, key_id: str, *, window_seconds: float, now: float | None = None
+    ) -> WebhookSecrets | None:
+        """A new primary secret; the current one keeps signing for `window_seconds`."""
+        digest = self._r.hget(keys.API_KEY_NAMES, key_id)
+        if digest is None:
+            return None
+        record = keys.api_key(_text(digest))
+        current = self.webhook_secrets(key_id)
+        until = (time.time() if now is None else now) + window_seconds
+        pipe = self._r.pipeline()
+        pipe.hset(record, "webhook_secret", new_secret())
+        if current is not None:
+            pipe.hset(
+                record,
+                mapping={"webhook_secret_previous": current.primary,
+                         "webhook_secret_previous_until": until},
+            )  # fmt: skip
+        pipe.execute()
+        return self.webhook_secrets(key_id)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text_map(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
 
 
 class AsyncApiKeyStore:

@@ -198,6 +198,42 @@ redis.call('PUBLISH', ARGV[2], redis.call('HGET', KEYS[1], 'id') .. ' webhook_' 
 return 1
 """
 
+# KEYS: job key. ARGV: attempt number n, now, lease seconds. Claims webhook attempt n once: only
+# when n - 1 attempts are recorded and no live claim on n exists (a claim older than the lease was
+# left by a dispatcher that died mid-attempt). Stops duplicate messages from sending twice.
+_CLAIM_WEBHOOK_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[1])
+if tonumber(redis.call('HGET', KEYS[1], 'webhook_attempt_count') or '0') ~= n - 1 then return 0 end
+local claim = redis.call('HGET', KEYS[1], 'webhook_claim')
+if claim then
+  local cn, cat = string.match(claim, '^(%d+) (.+)$')
+  if tonumber(cn) == n and tonumber(ARGV[2]) - tonumber(cat) < tonumber(ARGV[3]) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'webhook_claim', ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"""
+
+# KEYS: job key. ARGV: attempt (a JSON object), its number, webhook status, events channel.
+# Appends the attempt to the JSON array `webhook_attempts` (string surgery: no cjson needed), sets
+# the webhook status and announces it as '<id> webhook_<status>'.
+_RECORD_WEBHOOK_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local list = redis.call('HGET', KEYS[1], 'webhook_attempts')
+if not list or list == '' then
+  list = '[' .. ARGV[1] .. ']'
+else
+  list = string.sub(list, 1, -2) .. ',' .. ARGV[1] .. ']'
+end
+local count = tonumber(redis.call('HGET', KEYS[1], 'webhook_attempt_count') or '0')
+if tonumber(ARGV[2]) > count then count = tonumber(ARGV[2]) end
+redis.call('HSET', KEYS[1], 'webhook_attempts', list, 'webhook_attempt_count', count,
+  'webhook_status', ARGV[3])
+redis.call('HDEL', KEYS[1], 'webhook_claim')
+redis.call('PUBLISH', ARGV[4], redis.call('HGET', KEYS[1], 'id') .. ' webhook_' .. ARGV[3])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class TransitionResult:
@@ -267,6 +303,8 @@ class JobStore:
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._set_webhook = client.register_script(_SET_WEBHOOK_STATUS)
+        self._claim_webhook = client.register_script(_CLAIM_WEBHOOK_ATTEMPT)
+        self._record_webhook = client.register_script(_RECORD_WEBHOOK_ATTEMPT)
 
     def create(self, job: NewJob) -> int:
         args = [keys.job(0)[:-1], *_encode(_new_job_fields(job, self._clock()))]
@@ -318,6 +356,27 @@ class JobStore:
     def set_webhook_status(self, job_id: int, status: WebhookStatus) -> bool:
         args = [status.value, keys.JOB_EVENTS]
         return bool(self._set_webhook(keys=[keys.job(job_id)], args=args))
+
+    def webhook_attempt_count(self, job_id: int) -> int:
+        return int(self._r.hget(keys.job(job_id), "webhook_attempt_count") or 0)
+
+    def claim_webhook_attempt(self, job_id: int, attempt: int, *, lease_seconds: float) -> bool:
+        """True once per attempt number (again after `lease_seconds`, when its claimer died)."""
+        args = [attempt, self._clock(), lease_seconds]
+        return bool(self._claim_webhook(keys=[keys.job(job_id)], args=args))
+
+    def record_webhook_attempt(
+        self, job_id: int, attempt: dict[str, Any], status: WebhookStatus
+    ) -> bool:
+        """Append one attempt (its number under "attempt") and set the delivery's status."""
+        text = json.dumps(attempt, separators=(",", ":"))
+        args = [text, attempt["attempt"], status.value, keys.JOB_EVENTS]
+        return bool(self._record_webhook(keys=[keys.job(job_id)], args=args))
+
+    def webhook_attempts(self, job_id: int) -> list[dict[str, Any]]:
+        raw = self._r.hget(keys.job(job_id), "webhook_attempts")
+        attempts: list[dict[str, Any]] = json.loads(raw) if raw else []
+        return attempts
 
     def active_ids(self) -> list[int]:
         """Ids of jobs not yet terminal, oldest first (the reconciler's and operators' view)."""

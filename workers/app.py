@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,12 +71,31 @@ class WorkerRuntime:
         if self.role == "generate":
             runner = self._build_runner(client, jobs, publisher)
         else:
-            from workers.webhooks import HttpWebhookSender, WebhookDispatcher
+            from storage.apikeys import ApiKeyStore
+            from workers.webhooks import (
+                LEASE_MARGIN_SECONDS,
+                HttpWebhookSender,
+                RetryPolicy,
+                WebhookDispatcher,
+                celery_schedule,
+            )
+
+            api_keys = ApiKeyStore(client)
+
+            def signing_secrets(owner: str, now: float) -> list[str]:
+                found = api_keys.webhook_secrets(owner)
+                return found.signing(now) if found else []
 
             dispatcher = WebhookDispatcher(
                 jobs=jobs,
                 sender=HttpWebhookSender(settings.webhook_timeout_seconds),
+                policy=RetryPolicy(settings.webhook_retry_delays),
+                secrets=signing_secrets,
+                schedule=celery_schedule(
+                    self.app, WEBHOOK_TASK, settings.webhook_queue, clock=time.time
+                ),
                 allow=parse_cidrs(settings.outbound_allow_cidrs),
+                lease_seconds=settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS,
             )
         return _ProcessParts(pid=os.getpid(), runner=runner, dispatcher=dispatcher)
 
@@ -191,8 +211,8 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
         runtime.parts().runner.run(int(job_id))
 
     @app.task(name=WEBHOOK_TASK)
-    def deliver_webhook(job_id: int) -> None:
-        runtime.parts().dispatcher.deliver(int(job_id))
+    def deliver_webhook(job_id: int, attempt: int = 1, due_at: float | None = None) -> None:
+        runtime.parts().dispatcher.handle(int(job_id), int(attempt), due_at)
 
     def on_process_init(**_: Any) -> None:
         runtime.parts()

@@ -1,26 +1,47 @@
 """The webhook dispatcher: runs on CPU workers consuming the `webhooks` queue, never on GPU workers.
 
-One delivery = one POST of the job's fetch body plus `track_id`. The shape leaves room for what
-comes next (signing, a retry schedule, attempt records): `deliver` builds the request, a
-`WebhookSender` sends it, and the outcome is recorded on the job.
+One delivery = the job's terminal event (its fetch body plus `track_id`), signed the Standard
+Webhooks way with the owner key's secret(s), POSTed until the receiver answers 2xx or the retry
+schedule runs out. Every attempt is recorded on the job.
+
+A retry is a new broker message with a countdown, never a sleeping thread. A message carries
+(job id, attempt number, due time); a countdown is cut into hops of at most `MAX_HOLD_SECONDS`
+(a message held longer than the broker's visibility timeout would be handed out twice), and a hop
+that arrives early is simply re-published for the rest. Each attempt number is claimed once in
+Redis, so duplicate messages never send twice; a claim whose dispatcher died mid-attempt lapses
+after a lease and the redelivered message (acks_late) tries again.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
 from dreamq.contract import webhook_body
 from dreamq.outbound import BlockedUrl, Network, check_url
-from storage.jobs import JobStore, WebhookStatus
+from dreamq.signing import signature_header
+from storage.jobs import JobRecord, JobStore, WebhookStatus
 
 log = logging.getLogger("dreamq.webhooks")
+
+JITTER = 0.2
+"""Each scheduled wait is scaled by a uniform factor in [1 - JITTER, 1 + JITTER]: retries of
+many deliveries that failed together (a receiver outage) spread out instead of arriving at once."""
+
+MAX_HOLD_SECONDS = 900.0
+"""The longest countdown one message carries: below Redis' default visibility timeout (1 h) and
+RabbitMQ's default consumer timeout (30 min), which would otherwise redeliver a held message."""
+
+EARLY_TOLERANCE_SECONDS = 0.05
+LEASE_MARGIN_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -30,9 +51,15 @@ class Delivery:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Response:
+    status: int
+    retry_after: str | None = None
+
+
 class WebhookSender(Protocol):
-    def send(self, delivery: Delivery) -> int:
-        """POST the delivery; return the HTTP status. Raises httpx.HTTPError on transport errors."""
+    def send(self, delivery: Delivery) -> Response:
+        """POST the delivery. Raises httpx.HTTPError on transport errors and timeouts."""
         ...
 
 
@@ -44,14 +71,64 @@ class HttpWebhookSender:
             follow_redirects=False, timeout=timeout_seconds, headers={"user-agent": "dreamq"}
         )
 
-    def send(self, delivery: Delivery) -> int:
+    def send(self, delivery: Delivery) -> Response:
         response = self._client.post(delivery.url, content=delivery.body, headers=delivery.headers)
-        return response.status_code
+        return Response(response.status_code, response.headers.get("retry-after"))
 
 
 def delivery_id(job_id: int, event: str) -> str:
     """Stable per event, so consumers can dedupe every attempt of one delivery."""
     return f"msg_{job_id}_{event}"
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Retry-After in seconds or as an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    delays: tuple[float, ...]
+    """Waits before retries 1..n: a delivery makes at most len(delays) + 1 attempts."""
+    jitter: float = JITTER
+    uniform: Callable[[float, float], float] = random.uniform
+
+    def next_delay(self, attempt: int, retry_after: float | None = None) -> float | None:
+        """Seconds from failed attempt `attempt` to the next one; None when it was the last.
+
+        A receiver's Retry-After (429/503) replaces the scheduled wait, without jitter, bounded
+        by the schedule's longest wait so a receiver cannot park a delivery for days."""
+        if attempt > len(self.delays):
+            return None
+        if retry_after is not None:
+            return min(retry_after, max(self.delays))
+        return self.delays[attempt - 1] * self.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    attempt: int
+    status: WebhookStatus
+    """`pending` when another attempt is scheduled, else `sent` or `failed`."""
+    retry_at: float | None = None
+    record: dict[str, Any] | None = None
+
+
+Schedule = Callable[[int, int, float], None]
+"""schedule(job_id, attempt, due_at): have the dispatcher run that attempt at `due_at`."""
+
+
+def no_secrets(owner: str, now: float) -> list[str]:
+    return []
 
 
 class WebhookDispatcher:
@@ -60,44 +137,149 @@ class WebhookDispatcher:
         *,
         jobs: JobStore,
         sender: WebhookSender,
+        policy: RetryPolicy = RetryPolicy(()),
+        secrets: Callable[[str, float], Sequence[str]] = no_secrets,
+        schedule: Schedule | None = None,
         allow: Iterable[Network] = (),
+        lease_seconds: float = 70.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._jobs = jobs
         self._sender = sender
+        self._policy = policy
+        self._secrets = secrets
+        self._schedule = schedule
         self._allow = list(allow)
+        self._lease = lease_seconds
         self._clock = clock
+        self._monotonic = monotonic
 
-    def deliver(self, job_id: int) -> WebhookStatus | None:
+    def handle(self, job_id: int, attempt: int = 1, due_at: float | None = None) -> Outcome | None:
+        """One broker message: wait more (re-publish), or make the attempt and schedule the next."""
+        if due_at is not None and due_at - self._clock() > EARLY_TOLERANCE_SECONDS:
+            self._reschedule(job_id, attempt, due_at)
+            return None
+        outcome = self.deliver(job_id, attempt)
+        if outcome is not None and outcome.retry_at is not None:
+            self._reschedule(job_id, outcome.attempt + 1, outcome.retry_at)
+        return outcome
+
+    def deliver(self, job_id: int, attempt: int = 1) -> Outcome | None:
+        """Make attempt `attempt` of the job's delivery, once; None when there is nothing to do."""
+        job = self._deliverable(job_id)
+        if job is None:
+            return None
+        if not self._jobs.claim_webhook_attempt(job_id, attempt, lease_seconds=self._lease):
+            return self._overdue(job, attempt)
+        return self._attempt(job, attempt, retries=True)
+
+    def replay(self, job_id: int) -> Outcome | None:
+        """The operator's re-send of the job's last event: one attempt, the same webhook-id, a
+        new timestamp and signature. It ends any retries still waiting for that delivery."""
+        job = self._deliverable(job_id)
+        if job is None:
+            return None
+        attempt = self._jobs.webhook_attempt_count(job_id) + 1
+        if not self._jobs.claim_webhook_attempt(job_id, attempt, lease_seconds=self._lease):
+            return None
+        return self._attempt(job, attempt, retries=False)
+
+    def _deliverable(self, job_id: int) -> JobRecord | None:
         job = self._jobs.get(job_id)
         if job is None or not job.webhook or not job.status.is_terminal():
             log.info("job %s: no webhook to deliver", job_id)
             return None
-        body = json.dumps(webhook_body(job, self._clock()), separators=(",", ":")).encode()
-        delivery = Delivery(
-            url=job.webhook,
-            body=body,
-            headers={
-                "content-type": "application/json",
-                "webhook-id": delivery_id(job_id, job.status.value),
-            },
-        )
-        outcome = self._attempt(job_id, delivery)
-        self._jobs.set_webhook_status(job_id, outcome)
-        return outcome
+        return job
 
-    def _attempt(self, job_id: int, delivery: Delivery) -> WebhookStatus:
+    def _overdue(self, job: JobRecord, attempt: int) -> Outcome | None:
+        """A message whose attempt is already done or in flight: a duplicate, dropped. Unless it
+        is the redelivery of an attempt whose successor was due long ago and never ran (the
+        dispatcher died between recording it and publishing the next): then schedule that now."""
+        if job.webhook_status is not WebhookStatus.PENDING:
+            return None
+        if self._jobs.webhook_attempt_count(job.id) != attempt:
+            return None
+        last = self._jobs.webhook_attempts(job.id)[-1]
+        next_at = last.get("next_at")
+        if next_at is None or self._clock() < next_at + self._lease:
+            return None
+        log.warning("job %s: webhook attempt %s was lost; scheduling it", job.id, attempt + 1)
+        return Outcome(attempt, WebhookStatus.PENDING, retry_at=self._clock())
+
+    def _attempt(self, job: JobRecord, attempt: int, *, retries: bool) -> Outcome:
+        now = self._clock()
+        message_id = delivery_id(job.id, job.status.value)
+        body = json.dumps(webhook_body(job, now), separators=(",", ":")).encode()
+        timestamp = int(now)
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+        }
+        signing = list(self._secrets(job.owner, now))
+        if signing:
+            headers["webhook-signature"] = signature_header(signing, message_id, timestamp, body)
+        else:
+            log.warning("job %s: its key has no webhook secret; sending unsigned", job.id)
+
+        started = self._monotonic()
+        code, error, retry_after = self._send(job.id, Delivery(job.webhook or "", body, headers))
+        record: dict[str, Any] = {
+            "attempt": attempt,
+            "at": round(now, 3),
+            "webhook_id": message_id,
+            "status_code": code,
+            "error": error,
+            "duration": round(self._monotonic() - started, 3),
+        }
+        if not retries:
+            record["replay"] = True
+
+        retry_in = None
+        if code is not None and 200 <= code < 300:
+            status = WebhookStatus.SENT
+        elif code == 410 or not retries:
+            status = WebhookStatus.FAILED  # 410 Gone: the receiver asks for no more attempts
+        else:
+            honoured = retry_after if code in (429, 503) else None
+            retry_in = self._policy.next_delay(attempt, honoured)
+            status = WebhookStatus.FAILED if retry_in is None else WebhookStatus.PENDING
+        retry_at = None if retry_in is None else self._clock() + retry_in
+        if retry_at is not None:
+            record["next_at"] = round(retry_at, 3)
+        self._jobs.record_webhook_attempt(job.id, record, status)
+        log.info(
+            "job %s: webhook attempt %s: %s -> %s", job.id, attempt, code or error, status.value
+        )
+        return Outcome(attempt, status, retry_at, record)
+
+    def _send(self, job_id: int, delivery: Delivery) -> tuple[int | None, str | None, float | None]:
+        """(status code, error, Retry-After seconds) of one POST."""
         try:
             check_url(delivery.url, self._allow)
-            status = self._sender.send(delivery)
+            response = self._sender.send(delivery)
         except BlockedUrl as exc:
-            log.warning("job %s: webhook refused: %s", job_id, exc)
-            return WebhookStatus.FAILED
+            return None, f"refused: {exc}", None
+        except httpx.TimeoutException:
+            return None, "timeout", None
         except httpx.HTTPError as exc:
-            log.warning("job %s: webhook transport error: %s", job_id, type(exc).__name__)
-            return WebhookStatus.FAILED
-        if 200 <= status < 300:
-            log.info("job %s: webhook delivered (%s)", job_id, status)
-            return WebhookStatus.SENT
-        log.warning("job %s: webhook answered %s", job_id, status)
-        return WebhookStatus.FAILED
+            return None, type(exc).__name__, None
+        if 300 <= response.status < 400:
+            log.warning("job %s: webhook answered a redirect, which is not followed", job_id)
+        return response.status, None, parse_retry_after(response.retry_after, self._clock())
+
+    def _reschedule(self, job_id: int, attempt: int, due_at: float) -> None:
+        if self._schedule is None:
+            raise RuntimeError("this dispatcher cannot schedule retries")
+        self._schedule(job_id, attempt, due_at)
+
+
+def celery_schedule(app: Any, task_name: str, queue: str, clock: Callable[[], float]) -> Schedule:
+    """Publish (job id, attempt, due time) with a countdown of at most `MAX_HOLD_SECONDS`."""
+
+    def schedule(job_id: int, attempt: int, due_at: float) -> None:
+        countdown = min(max(0.0, due_at - clock()), MAX_HOLD_SECONDS)
+        app.send_task(task_name, args=[job_id, attempt, due_at], countdown=countdown, queue=queue)
+
+    return schedule

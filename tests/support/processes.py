@@ -222,6 +222,8 @@ class WebhookReceiver:
     port: int
     received: queue.Queue[Received] = field(default_factory=queue.Queue)
     status: int = 200
+    script: list[int] = field(default_factory=list)
+    """Statuses to answer first, one per POST, before `status`."""
 
     @property
     def url(self) -> str:
@@ -239,7 +241,7 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))
             body = self.rfile.read(length)
-            self.send_response(receiver.status)
+            self.send_response(receiver.script.pop(0) if receiver.script else receiver.status)
             self.send_header("content-length", "0")
             self.end_headers()
             receiver.received.put(

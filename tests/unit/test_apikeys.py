@@ -135,3 +135,21 @@ def test_async_lookup_refuses_keys_over_128_characters(
     store.register(too_long, "too long")
     assert async_lookup(server, longest) == info
     assert async_lookup(server, too_long) is None
+
+
+def test_a_key_gets_a_webhook_secret_and_a_given_one_replaces_it(store: ApiKeyStore) -> None:
+    from dreamq.signing import is_secret, new_secret
+
+    _, info = store.create("tenant")
+    found = store.webhook_secrets(info.id)
+    assert found is not None and is_secret(found.primary) and found.previous is None
+    assert found.signing(0.0) == [found.primary]
+    assert store.webhook_secrets("unknown") is None
+    assert store.rotate_webhook_secret("unknown", window_seconds=1) is None
+
+    fixed = new_secret()
+    dev = store.register("dq_dev-key", "dev", webhook_secret=fixed)
+    assert store.webhook_secrets(dev.id).primary == fixed  # type: ignore[union-attr]
+    again = new_secret()
+    store.register("dq_dev-key", "dev", webhook_secret=again)  # a restarted dev stack
+    assert store.webhook_secrets(dev.id).primary == again  # type: ignore[union-attr]
