@@ -99,3 +99,20 @@ def test_failing_bookkeeping_costs_neither_the_job_nor_its_webhook(client: redis
     assert job is not None and job.status is JobStatus.SUCCESS
     assert job.meta["W"] == 64
     assert publisher.webhooks == [job_id]
+
+
+def test_generation_time_counts_the_pipeline_not_a_cold_load(client: redis.Redis) -> None:
+    ticks = iter(float(t) for t in range(100))  # the runner's clock: one second per reading
+
+    class SlowLoad(FakeGenerator):
+        def run(self, model_id: str, params: JobParams, **_: Any) -> Generation:
+            for _ in range(10):  # ten clock readings spent "loading"
+                next(ticks)
+            return super().run(model_id, params)
+
+    job_id = submit(client)
+    runner(client, SlowLoad(), clock=lambda: next(ticks)).run(job_id)
+    job = JobStore(client, ttl_seconds=60).get(job_id)
+    assert job is not None and job.generation_time is not None
+    # 0.01 s of pipeline, one tick for translation (none here) and one for encoding.
+    assert job.generation_time < 3
