@@ -18,7 +18,15 @@ if TYPE_CHECKING:
 
 
 def _settings() -> Settings:
-    return Settings()
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # A configuration dreamq refuses, e.g. DREAMQ_VISIBILITY_TIMEOUT below twice
+        # DREAMQ_JOB_TIME_LIMIT: say so and stop, without a traceback.
+        messages = "\n".join(f"  {error['msg']}" for error in exc.errors())
+        raise SystemExit(f"dreamq: invalid settings:\n{messages}") from None
 
 
 def _logging(settings: Settings) -> None:

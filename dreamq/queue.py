@@ -35,6 +35,21 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
+        # The visibility timeout must agree everywhere kombu reads it (celery #5935).
+        # Scan for expired messages on every 10 s tick, not every tenth: a lost worker's job comes
+        # back within visibility_timeout + 10 s instead of + 100 s.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        visibility_timeout=settings.visibility_timeout,
+        # Enforced by prefork only (celery #9203): `dreamq worker` runs prefork.
+        task_time_limit=settings.job_time_limit,
+        task_soft_time_limit=settings.soft_time_limit,
+        # A pool process imports torch and builds its clients before it reports up; the default
+        # 4 s made every replacement of a crashed process be killed in turn on a busy host.
+        worker_proc_alive_timeout=60.0,
     )
     return app
 

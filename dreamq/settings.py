@@ -5,6 +5,7 @@ No module reads os.environ itself.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -105,6 +106,24 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(
         7 * 24 * 3600, gt=0, description="How long a finished job record stays fetchable."
     )
+    job_time_limit: float = Field(
+        600.0,
+        gt=0,
+        description="Hard limit on one generation job, in seconds (model loading included): the "
+        "worker kills the job's process and the job fails with a timeout.",
+    )
+    visibility_timeout: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds after which the broker hands an unacknowledged job to another worker "
+        "(how long a job of a dead worker waits). At least twice DREAMQ_JOB_TIME_LIMIT.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of one job before it is failed (a job that crashes its "
+        "worker process every time).",
+    )
     dev_api_key: str | None = Field(
         None, description="dreamq dev only: the API key to register (else one is generated)."
     )
@@ -140,6 +159,29 @@ class Settings(BaseSettings):
         if not self.storage_url.startswith(("s3://", "file:///")):
             raise ValueError("DREAMQ_STORAGE_URL must be s3://bucket[/prefix] or file:///abs/dir")
         return self
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        # A job still running when the visibility timeout expires is delivered again (R3).
+        if self.visibility_timeout < 2 * self.job_time_limit:
+            raise ValueError(
+                f"DREAMQ_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must be at least twice "
+                f"DREAMQ_JOB_TIME_LIMIT ({self.job_time_limit:g} s): raise the first or lower the "
+                "second"
+            )
+        return self
+
+    @property
+    def soft_time_limit(self) -> float:
+        """When the job is asked to stop (it fails with a timeout), a little before the hard
+        limit kills its process."""
+        return self.job_time_limit - min(30.0, max(0.5, self.job_time_limit / 10))
+
+    @property
+    def lease_seconds(self) -> int:
+        """Lifetime of a job's lease: past the time limit, below the visibility timeout, so a
+        redelivery after a lost worker finds it expired."""
+        return math.ceil(self.job_time_limit + min(60.0, self.job_time_limit / 2))
 
     @property
     def effective_broker_url(self) -> str:

@@ -12,11 +12,14 @@ absorb. No other module writes a status.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
@@ -171,22 +174,52 @@ redis.call('ZADD', KEYS[2], id, id)
 return id
 """
 
-# KEYS: job key, active set. ARGV: new status, allowed sources (space separated), terminal flag,
-# ttl seconds, events channel, attempts increment, then field/value pairs.
-# Returns {1, previous} when applied, {0, current} when refused, {0, ''} when the job is unknown.
+# KEYS: job key, active set, lease key. ARGV: new status, allowed sources (space separated),
+# terminal flag, ttl seconds, events channel, attempts increment, lease op, lease token (or owner
+# prefix), lease seconds, attempts cap ('' for none), then field/value pairs.
+# Lease ops: 'take' refuses a job whose lease someone holds and (with a token) takes it; 'hold'
+# applies only for the holder; 'owner' for a holder whose token starts with the prefix (or no
+# holder); 'free' only when nobody holds it. A terminal state deletes the lease.
+# Returns {1, previous} when applied, {0, current} when refused, {0, ''} when the job is unknown,
+# {-1, current} when the lease refuses it, {-2, current} when the attempts are used up.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
 if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. cur .. ' ', 1, true) then return {0, cur} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 7))
+local op, token, holder = ARGV[7], ARGV[8], redis.call('GET', KEYS[3])
+if op == 'hold' then
+  if holder ~= token then return {-1, cur} end
+elseif op == 'owner' then
+  if holder and string.sub(holder, 1, #token) ~= token then return {-1, cur} end
+elseif holder then
+  return {-1, cur}
+end
+local done = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if ARGV[10] ~= '' and done >= tonumber(ARGV[10]) then
+  return {-2, cur}
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 11))
 if ARGV[6] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[6]) end
+if op == 'take' and token ~= '' then redis.call('SET', KEYS[3], token, 'EX', ARGV[9]) end
 if ARGV[3] == '1' then
   local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], id)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
 end
 return {1, cur}
+"""
+
+# KEYS: lease key. ARGV: owner prefix. Deletes the lease when its token starts with the prefix:
+# the worker's main process frees the lease of a pool process that died.
+_RELEASE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """
 
 # KEYS: job key. ARGV: status, events channel. Sets the webhook status of a job that exists and
@@ -240,13 +273,46 @@ class TransitionResult:
     applied: bool
     previous: JobStatus | None
     """The status before a transition that was applied, or the current one of a refused one."""
+    leased: bool = False
+    """Refused because another worker process holds the job's lease."""
+    exhausted: bool = False
+    """Refused because the job used up its attempts."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """How a transition treats the job's lease (see the _TRANSITION script)."""
+
+    op: Literal["take", "hold", "owner", "free"] = "free"
+    token: str = ""
+    seconds: int = 0
+    max_attempts: int | None = None
+
+
+FREE = Lease()
+
+
+def lease_owner(pid: int, host: str | None = None) -> str:
+    """The prefix of every lease token taken by process `pid` of this host: the worker's main
+    process knows it for the pool process it lost."""
+    return f"{host or socket.gethostname()}:{pid}:"
+
+
+def new_lease_token() -> str:
+    return lease_owner(os.getpid()) + secrets.token_hex(8)
 
 
 def _transition_args(
-    target: JobStatus, ttl: int, attempts: int, fields: dict[str, Any], now: float
+    target: JobStatus,
+    ttl: int,
+    attempts: int,
+    fields: dict[str, Any],
+    now: float,
+    lease: Lease = FREE,
 ) -> list[Any]:
     sources = " ".join(sorted(sources_of(target)))
     flat = _encode({"updated_at": now, **fields})
+    cap = "" if lease.max_attempts is None else str(lease.max_attempts)
     return [
         target.value,
         sources,
@@ -254,13 +320,47 @@ def _transition_args(
         ttl,
         keys.JOB_EVENTS,
         attempts,
+        lease.op,
+        lease.token,
+        lease.seconds,
+        cap,
         *flat,
     ]
 
 
+def _transition_keys(job_id: int) -> list[str]:
+    return [keys.job(job_id), keys.ACTIVE_JOBS, keys.job_lease(job_id)]
+
+
 def _result(reply: list[Any]) -> TransitionResult:
-    applied, status = int(reply[0]), _text(reply[1])
-    return TransitionResult(bool(applied), JobStatus(status) if status else None)
+    code, status = int(reply[0]), _text(reply[1])
+    return TransitionResult(
+        code == 1, JobStatus(status) if status else None, leased=code == -1, exhausted=code == -2
+    )
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"
+    LEASED = "leased"
+    """Another worker process runs the job: this delivery is a duplicate and exits."""
+    EXHAUSTED = "exhausted"
+    """This delivery found the attempts used up and failed the job."""
+    GONE = "gone"
+    """Unknown or already terminal."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    job: JobRecord | None = None
+    """The record after the claim (CLAIMED, EXHAUSTED)."""
+    lease_left: float = 0.0
+    """LEASED: seconds until the holder's lease expires, when the delivery should look again
+    (its holder may have died without anyone freeing it)."""
+
+
+def attempts_exhausted_message(attempts: int) -> str:
+    return f"The job failed {attempts} times; it was stopped."
 
 
 def _text(value: Any) -> str:
@@ -291,18 +391,31 @@ def _new_job_fields(job: NewJob, now: float) -> dict[str, Any]:
     }
 
 
+def _held(token: str | None) -> Lease:
+    return FREE if token is None else Lease("hold", token)
+
+
 class JobStore:
     """Synchronous job store: workers, the dispatcher and the CLI."""
 
     def __init__(
-        self, client: redis.Redis, *, ttl_seconds: int, clock: Callable[[], float] = time.time
+        self,
+        client: redis.Redis,
+        *,
+        ttl_seconds: int,
+        lease_seconds: int = 900,
+        max_attempts: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._r = client
         self._ttl = ttl_seconds
+        self._lease_seconds = lease_seconds
+        self._max_attempts = max_attempts
         self._clock = clock
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._set_webhook = client.register_script(_SET_WEBHOOK_STATUS)
+        self._release = client.register_script(_RELEASE_LEASE)
         self._claim_webhook = client.register_script(_CLAIM_WEBHOOK_ATTEMPT)
         self._record_webhook = client.register_script(_RECORD_WEBHOOK_ATTEMPT)
 
@@ -315,15 +428,49 @@ class JobStore:
         return decode(_decode_hash(raw)) if raw else None
 
     def transition(
-        self, job_id: int, target: JobStatus, *, attempts: int = 0, **fields: Any
+        self,
+        job_id: int,
+        target: JobStatus,
+        *,
+        attempts: int = 0,
+        lease: Lease = FREE,
+        **fields: Any,
     ) -> TransitionResult:
-        args = _transition_args(target, self._ttl, attempts, fields, self._clock())
-        return _result(self._transition(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=args))
+        args = _transition_args(target, self._ttl, attempts, fields, self._clock(), lease)
+        return _result(self._transition(keys=_transition_keys(job_id), args=args))
 
     def claim(self, job_id: int) -> JobRecord | None:
-        """Move a delivered job to processing. None when it is terminal or unknown."""
-        result = self.transition(job_id, JobStatus.PROCESSING, attempts=1, started_at=self._clock())
-        return self.get(job_id) if result.applied else None
+        """Move a delivered job to processing without a lease. None when it is not claimed."""
+        claim = self.acquire(job_id, "")
+        return claim.job if claim.outcome is ClaimOutcome.CLAIMED else None
+
+    def acquire(self, job_id: int, token: str) -> Claim:
+        """Claim a delivered job for the process holding `token` (a lease of `lease_seconds`,
+        taken atomically with the move to processing, the attempt counted). A job whose lease
+        another process holds is left alone; a job out of attempts is failed here, once."""
+        lease = Lease("take", token, self._lease_seconds, self._max_attempts)
+        now = self._clock()
+        result = self.transition(
+            job_id, JobStatus.PROCESSING, attempts=1, lease=lease, started_at=now
+        )
+        if result.applied:
+            return Claim(ClaimOutcome.CLAIMED, self.get(job_id))
+        if result.leased:
+            left = int(self._r.pttl(keys.job_lease(job_id)))
+            return Claim(ClaimOutcome.LEASED, lease_left=max(left, 0) / 1000)
+        if result.exhausted:
+            job = self.get(job_id)
+            done = job is not None and self.fail(job_id, attempts_exhausted_message(job.attempts))
+            return (
+                Claim(ClaimOutcome.EXHAUSTED, self.get(job_id))
+                if done
+                else Claim(ClaimOutcome.GONE)
+            )
+        return Claim(ClaimOutcome.GONE)
+
+    def release_lease(self, job_id: int, owner: str) -> bool:
+        """Free the job's lease if a token of `owner` (a `lease_owner` prefix) holds it."""
+        return bool(self._release(keys=[keys.job_lease(job_id)], args=[owner]))
 
     def succeed(
         self,
@@ -332,9 +479,11 @@ class JobStore:
         output: list[str],
         generation_time: float,
         meta: dict[str, Any] | None = None,
+        lease: str | None = None,
     ) -> bool:
         """Finish a job; ``meta`` replaces the echo when the run learnt more (the size taken
-        from an init image, a translated prompt)."""
+        from an init image, a translated prompt). With ``lease``, only while that token holds
+        the job's lease; without, only while nobody holds it."""
         now = self._clock()
         fields: dict[str, Any] = {} if meta is None else {"meta": meta}
         return self.transition(
@@ -344,13 +493,19 @@ class JobStore:
             generation_time=round(generation_time, 3),
             finished_at=now,
             eta_at=now,
+            lease=_held(lease),
             **fields,
         ).applied
 
-    def fail(self, job_id: int, message: str) -> bool:
+    def fail(
+        self, job_id: int, message: str, *, lease: str | None = None, owner: str | None = None
+    ) -> bool:
+        """Fail a job: as the holder of ``lease``, as the main process of ``owner`` (a
+        `lease_owner` prefix, for a pool process it killed), or while nobody holds the lease."""
         now = self._clock()
+        held = Lease("owner", owner) if owner is not None else _held(lease)
         return self.transition(
-            job_id, JobStatus.FAILED, error=message, finished_at=now, eta_at=now
+            job_id, JobStatus.FAILED, lease=held, error=message, finished_at=now, eta_at=now
         ).applied
 
     def set_webhook_status(self, job_id: int, status: WebhookStatus) -> bool:
@@ -416,5 +571,5 @@ class AsyncJobStore:
             {"error": message, "finished_at": now, "eta_at": now},
             now,
         )
-        reply = await self._transition(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=args)
+        reply = await self._transition(keys=_transition_keys(job_id), args=args)
         return _result(reply).applied

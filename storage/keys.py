@@ -31,6 +31,11 @@ def job(job_id: int) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def job_lease(job_id: int) -> str:
+    """The token of the worker process running the job; expires with the lease."""
+    return f"{PREFIX}:job:{job_id}:lease"
+
+
 def model_stats(model_id: str) -> str:
     return f"{PREFIX}:stats:model:{model_id}"
 

@@ -33,6 +33,7 @@ from storage.eta import DurationRecorder, heartbeat
 from storage.jobs import JobStore
 from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX
 from storage.objects import ObjectStore, S3ObjectStore, open_object_store
+from workers.supervision import JobSupervisor, supervised_request
 
 log = logging.getLogger("dreamq.worker")
 
@@ -65,7 +66,12 @@ class WorkerRuntime:
     def _build(self) -> _ProcessParts:
         settings = self.settings
         client = redis.Redis.from_url(settings.redis_url)
-        jobs = JobStore(client, ttl_seconds=settings.job_ttl_seconds)
+        jobs = JobStore(
+            client,
+            ttl_seconds=settings.job_ttl_seconds,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+        )
         publisher = CeleryPublisher(self.app, settings)
         runner = dispatcher = None
         if self.role == "generate":
@@ -206,9 +212,14 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app, role)
 
-    @app.task(name=GENERATE_TASK)
-    def generate(job_id: int) -> None:
-        runtime.parts().runner.run(int(job_id))
+    # The main process frees the lease of a pool process it lost and fails a job it killed.
+    @app.task(
+        name=GENERATE_TASK, bind=True, Request=supervised_request(JobSupervisor(settings, app))
+    )
+    def generate(self: Any, job_id: int) -> None:
+        look_again = runtime.parts().runner.run(int(job_id))
+        if look_again is not None:  # a duplicate delivery: ask again once the lease expired
+            raise self.retry(countdown=look_again, max_retries=None)
 
     @app.task(name=WEBHOOK_TASK)
     def deliver_webhook(job_id: int, attempt: int = 1, due_at: float | None = None) -> None:

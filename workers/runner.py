@@ -87,30 +87,33 @@ class JobRunner:
         self._after_job = after_job
         self._clock = clock
 
-    def run(self, job_id: int) -> None:
+    def run(self, job_id: int) -> float | None:
+        """Run the job. Seconds after which this delivery must look again when another process
+        holds the job's lease (the broker delivered it twice); None when done with it."""
         self._hook(self._before_job)
         try:
-            self._run(job_id)
+            return self._run(job_id)
         finally:
             self._hook(self._after_job)
 
-    def _run(self, job_id: int) -> None:
+    def _run(self, job_id: int) -> float | None:
         token = new_lease_token()
         claim = self._jobs.acquire(job_id, token)
         if claim.outcome is ClaimOutcome.LEASED:
             # The broker delivered it again (visibility timeout) while another process runs it.
+            # Looking again once the lease has expired covers a holder that died unseen.
             log.info("job %s: another worker process holds its lease; duplicate exits", job_id)
-            return
+            return claim.lease_left + 1
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             log.warning("job %s: failed: its attempts are used up", job_id)
             if claim.job is not None and claim.job.webhook:
                 self._hand_off_webhook(job_id)
-            return
+            return None
         job = claim.job
         if job is None:
             # Unknown, or already terminal: a duplicate delivery of a finished job.
             log.info("job %s: nothing to do (unknown or finished)", job_id)
-            return
+            return None
         log.info("job %s: processing (model %s, attempt %s)", job_id, job.model_id, job.attempts)
         started = self._clock()
         try:
@@ -140,6 +143,7 @@ class JobRunner:
             )
         if finished and job.webhook:
             self._hand_off_webhook(job_id)
+        return None
 
     def _process(self, job: JobRecord) -> Outcome:
         try:
