@@ -199,10 +199,6 @@ class PipelineCache:
         # same multi-GB model at once would only double the memory.
         self._lock = threading.RLock()
 
-    @property
-    def registry(self) -> Registry:
-        return self._registry
-
     def get(self, model_id: str) -> LoadedModel:
         with self._lock:
             loaded = self._loaded.get(model_id)

@@ -4,20 +4,18 @@ uses (from_pretrained); seeding, sizes, progress, refusals, one load per model."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dreamq.jobparams import ImageInput, JobParams
+from dreamq.jobparams import JobParams
 from dreamq.registry import Registry, load_registry
-from workers.generate import Generation, Generator, JobRefused
+from tests.support.generation import params, pixels
+from workers.generate import Generator, JobRefused
 from workers.models import PipelineCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-IMAGE = ImageInput(url="https://example.com/a.png")
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +46,6 @@ def _mask(
     mask = Image.new("L", size, 0)
     mask.paste(255, box)
     return mask
-
-
-def params(kind: str = "txt2img", **changes: Any) -> JobParams:
-    fields: dict[str, Any] = {
-        "kind": kind,
-        "prompt": "a watercolor fox",
-        # Small: the tiny VAE's attention runs over every latent (its factor is 2, not 8).
-        "width": 32,
-        "height": 32,
-        "steps": 2,
-        "seed": 1234,
-    }
-    if kind in ("img2img", "inpaint"):
-        fields |= {"init_image": IMAGE, "width": None, "height": None}
-    if kind == "inpaint":
-        fields["mask_image"] = IMAGE
-    if kind == "text2video":
-        fields |= {"num_frames": 2, "fps": 8}
-    return JobParams(**(fields | changes))
-
-
-def pixels(generation: Generation, index: int = 0) -> np.ndarray:
-    return np.asarray(generation.images[index]).astype(int)
 
 
 def test_same_seed_same_image_and_seed_i_for_sample_i(generator: Generator) -> None:

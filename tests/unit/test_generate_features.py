@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamq.jobparams import JobParams, LoraChoice
+from dreamq.jobparams import LoraChoice
 from dreamq.registry import EmbeddingEntry, LoraEntry, Registry, load_registry
-from workers.generate import Generation, Generator, JobRefused
+from tests.support.generation import params, pixels
+from workers.generate import Generator, JobRefused
 from workers.models import PipelineCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -68,25 +69,6 @@ def reference(demo: Registry) -> dict[str, np.ndarray]:
         "demo-xl": pixels(clean.run("demo-xl", params())),
         "embedding-prompt": pixels(clean.run("demo", params(prompt=f"a {TOKEN} fox"))),
     }
-
-
-def params(kind: str = "txt2img", **changes: Any) -> JobParams:
-    fields: dict[str, Any] = {
-        "kind": kind,
-        "prompt": "a watercolor fox",
-        # Small: the tiny VAE's attention runs over every latent (its factor is 2, not 8).
-        "width": 32,
-        "height": 32,
-        "steps": 2,
-        "seed": 1234,
-    }
-    if kind == "text2video":
-        fields |= {"num_frames": 2, "fps": 8}
-    return JobParams(**(fields | changes))
-
-
-def pixels(generation: Generation, index: int = 0) -> np.ndarray:
-    return np.asarray(generation.images[index]).astype(int)
 
 
 def assert_plain(generator: Generator, reference: dict[str, np.ndarray], model_id: str) -> None:
