@@ -23,6 +23,7 @@ from tests.support.processes import (
     dreamq_worker,
     webhook_receiver,
 )
+from tests.support.profile import ProfileFactory, profiles
 from tests.support.s3 import MotoS3, moto_s3_server
 
 BUCKET = "dreamq-outputs"
@@ -97,3 +98,12 @@ def stack(
                     other_key=other_key,
                     receiver=receiver,
                 )
+
+
+@pytest.fixture
+def profile_factory(
+    redis_proc: RedisServer, demo_registry_file: Path, tmp_path: Path
+) -> Iterator[ProfileFactory]:
+    """Fault-test profiles (tests/support/profile.py): queues of their own, low limits."""
+    with profiles(redis_proc, demo_registry_file, tmp_path) as make:
+        yield make
