@@ -7,7 +7,9 @@ Each pool process (one per GPU) runs one daemon thread that
   job: the load would hold the cache and compete with the job for GPU memory);
 - every sweep interval unloads models unused for `DREAMQ_MODEL_IDLE_SECONDS`;
 - publishes the models it holds in `dreamq:workers:models` (process name -> JSON list), for
-  operators and tests (routing on it is later work).
+  operators (`dreamq workers`) and tests (routing on it is later work): at once when they
+  change, and again every heartbeat interval, which pushes the entry's deadline forward
+  (`storage/workers.py`: the entry of a process killed with -9 is dropped once it passes).
 
 Pub/sub is fire-and-forget: a process that is down when a reload is asked simply loads the model
 on its first job, which is what would happen without the reload.
@@ -15,14 +17,16 @@ on its first job, which is what would happen without the reload.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import redis
 
 from storage import keys
+from storage.workers import STALE_AFTER_INTERVALS, WorkerStore
 
 log = logging.getLogger("dreamq.worker")
 
@@ -49,11 +53,17 @@ class WorkerControl:
         *,
         name: str,
         idle_seconds: float,
+        refresh_seconds: float = 10.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client  # kept: redis-py closes a pubsub's connection with its client
+        self._store = WorkerStore(client)
         self._cache = cache
         self.name = name
         self._interval = sweep_interval(idle_seconds)
+        self._refresh = refresh_seconds
+        self._clock = clock
+        self._refresh_at = 0.0  # when the model list is published again even if unchanged
         self._stop = threading.Event()
         self._reported: list[str] | None = None
         self._lock = threading.Lock()
@@ -71,18 +81,22 @@ class WorkerControl:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self._client.hdel(keys.WORKER_MODELS, self.name)
+            self._store.forget_models(self.name)
         except redis.RedisError:
             log.warning("control: could not clear this process's model list")
 
     def report(self) -> None:
-        """Publish the models this process holds, when they changed since the last report."""
+        """Publish the models this process holds, when they changed since the last report or
+        the refresh interval passed (which keeps the entry alive: it dies 3 intervals later)."""
         with self._lock:
             loaded = sorted(self._cache.loaded_ids())
-            if loaded == self._reported:
+            now = self._clock()
+            if loaded == self._reported and now < self._refresh_at:
                 return
-            self._client.hset(keys.WORKER_MODELS, self.name, json.dumps(loaded))
+            until = now + STALE_AFTER_INTERVALS * self._refresh
+            self._store.publish_models(self.name, loaded, until=until)
             self._reported = loaded
+            self._refresh_at = now + self._refresh
 
     def job_started(self) -> None:
         self._idle.clear()
