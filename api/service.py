@@ -139,6 +139,7 @@ class DreamboothService:
                 eta_seconds=eta_seconds,
                 webhook=request.webhook,
                 track_id=request.track_id,
+                queue=self._settings.generate_queue,
             )
         )
         await self._publish(job_id)

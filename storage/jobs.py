@@ -78,6 +78,9 @@ class NewJob:
     eta_seconds: float
     webhook: str | None = None
     track_id: Any = None
+    queue: str = ""
+    """The broker queue its message goes to: the reconciler of that queue's deployment
+    re-drives it, no other."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class JobRecord:
     error: str | None = None
     attempts: int = 0
     webhook_status: WebhookStatus = WebhookStatus.NONE
+    queue: str = ""
 
     def remaining_seconds(self, now: float) -> float:
         """Seconds until the output is expected: from the submission estimate while queued,
@@ -162,24 +166,31 @@ def decode(raw: dict[str, str]) -> JobRecord:
         error=raw.get("error") or None,
         attempts=int(raw.get("attempts") or 0),
         webhook_status=WebhookStatus(raw.get("webhook_status", "")),
+        queue=raw.get("queue", ""),
     )
 
 
-# KEYS: seq, active set. ARGV: job key prefix, then field/value pairs. Returns the new id.
+# KEYS: seq, active set. ARGV: job key prefix, then field/value pairs. Returns the new id; an id
+# whose record exists (the sequence was lost while records survived) is skipped, never overwritten.
 _CREATE = """
 local id = redis.call('INCR', KEYS[1])
 local key = ARGV[1] .. id
+while redis.call('EXISTS', key) == 1 do
+  id = redis.call('INCR', KEYS[1])
+  key = ARGV[1] .. id
+end
 redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 2))
 redis.call('ZADD', KEYS[2], id, id)
 return id
 """
 
-# KEYS: job key, active set, lease key. ARGV: new status, allowed sources (space separated),
-# terminal flag, ttl seconds, events channel, attempts increment, lease op, lease token (or owner
-# prefix), lease seconds, attempts cap ('' for none), then field/value pairs.
+# KEYS: job key, active set, lease key, pending webhooks. ARGV: new status, allowed sources (space
+# separated), terminal flag, ttl seconds, events channel, attempts increment, lease op, lease token
+# (or owner prefix), lease seconds, attempts cap ('' for none), now, then field/value pairs.
 # Lease ops: 'take' refuses a job whose lease someone holds and (with a token) takes it; 'hold'
 # applies only for the holder; 'owner' for a holder whose token starts with the prefix (or no
-# holder); 'free' only when nobody holds it. A terminal state deletes the lease.
+# holder); 'free' only when nobody holds it. A terminal state deletes the lease and, when the job
+# has a webhook to deliver, indexes the delivery as pending (due now) for the reconciler.
 # Returns {1, previous} when applied, {0, current} when refused, {0, ''} when the job is unknown,
 # {-1, current} when the lease refuses it, {-2, current} when the attempts are used up.
 _TRANSITION = """
@@ -198,7 +209,7 @@ local done = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if ARGV[10] ~= '' and done >= tonumber(ARGV[10]) then
   return {-2, cur}
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 11))
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 12))
 if ARGV[6] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[6]) end
 if op == 'take' and token ~= '' then redis.call('SET', KEYS[3], token, 'EX', ARGV[9]) end
 if ARGV[3] == '1' then
@@ -206,6 +217,9 @@ if ARGV[3] == '1' then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], id)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  if redis.call('HGET', KEYS[1], 'webhook_status') == 'pending' then
+    redis.call('ZADD', KEYS[4], ARGV[11], id)
+  end
   redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
 end
 return {1, cur}
@@ -222,11 +236,12 @@ end
 return 0
 """
 
-# KEYS: job key. ARGV: status, events channel. Sets the webhook status of a job that exists and
-# announces it as '<id> webhook_<status>'.
+# KEYS: job key, pending webhooks. ARGV: status, events channel. Sets the webhook status of a job
+# that exists and announces it as '<id> webhook_<status>'; a delivery that ended leaves the index.
 _SET_WEBHOOK_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'webhook_status', ARGV[1])
+if ARGV[1] ~= 'pending' then redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'id')) end
 redis.call('PUBLISH', ARGV[2], redis.call('HGET', KEYS[1], 'id') .. ' webhook_' .. ARGV[1])
 return 1
 """
@@ -247,9 +262,10 @@ redis.call('HSET', KEYS[1], 'webhook_claim', ARGV[1] .. ' ' .. ARGV[2])
 return 1
 """
 
-# KEYS: job key. ARGV: attempt (a JSON object), its number, webhook status, events channel.
-# Appends the attempt to the JSON array `webhook_attempts` (string surgery: no cjson needed), sets
-# the webhook status and announces it as '<id> webhook_<status>'.
+# KEYS: job key, pending webhooks. ARGV: attempt (a JSON object), its number, webhook status,
+# events channel, when the next attempt is due ('' for none). Appends the attempt to the JSON array
+# `webhook_attempts` (string surgery: no cjson needed), sets the webhook status, keeps the pending
+# index (due time, or out when the delivery ended) and announces it as '<id> webhook_<status>'.
 _RECORD_WEBHOOK_ATTEMPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local list = redis.call('HGET', KEYS[1], 'webhook_attempts')
@@ -263,8 +279,24 @@ if tonumber(ARGV[2]) > count then count = tonumber(ARGV[2]) end
 redis.call('HSET', KEYS[1], 'webhook_attempts', list, 'webhook_attempt_count', count,
   'webhook_status', ARGV[3])
 redis.call('HDEL', KEYS[1], 'webhook_claim')
-redis.call('PUBLISH', ARGV[4], redis.call('HGET', KEYS[1], 'id') .. ' webhook_' .. ARGV[3])
+local id = redis.call('HGET', KEYS[1], 'id')
+if ARGV[3] == 'pending' and ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5], id)
+elseif ARGV[3] ~= 'pending' then
+  redis.call('ZREM', KEYS[2], id)
+end
+redis.call('PUBLISH', ARGV[4], id .. ' webhook_' .. ARGV[3])
 return 1
+"""
+
+
+# KEYS: job key, lease key. ARGV: expected status. Counts a re-drive of a job whose broker message
+# was lost, only while the job is still in that status and nobody holds its lease. Returns the
+# new count, or 0 when the job moved on (a late message reached a worker after all).
+_COUNT_REDRIVE = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'redrives', 1)
 """
 
 
@@ -324,12 +356,13 @@ def _transition_args(
         lease.token,
         lease.seconds,
         cap,
+        now,
         *flat,
     ]
 
 
 def _transition_keys(job_id: int) -> list[str]:
-    return [keys.job(job_id), keys.ACTIVE_JOBS, keys.job_lease(job_id)]
+    return [keys.job(job_id), keys.ACTIVE_JOBS, keys.job_lease(job_id), keys.WEBHOOKS_PENDING]
 
 
 def _result(reply: list[Any]) -> TransitionResult:
@@ -337,6 +370,12 @@ def _result(reply: list[Any]) -> TransitionResult:
     return TransitionResult(
         code == 1, JobStatus(status) if status else None, leased=code == -1, exhausted=code == -2
     )
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    id: int
+    status: JobStatus
 
 
 class ClaimOutcome(StrEnum):
@@ -388,6 +427,7 @@ def _new_job_fields(job: NewJob, now: float) -> dict[str, Any]:
         "predicted_seconds": job.predicted_seconds,
         "attempts": 0,
         "webhook_status": WebhookStatus.PENDING if job.webhook else WebhookStatus.NONE,
+        "queue": job.queue,
     }
 
 
@@ -418,6 +458,7 @@ class JobStore:
         self._release = client.register_script(_RELEASE_LEASE)
         self._claim_webhook = client.register_script(_CLAIM_WEBHOOK_ATTEMPT)
         self._record_webhook = client.register_script(_RECORD_WEBHOOK_ATTEMPT)
+        self._count_redrive = client.register_script(_COUNT_REDRIVE)
 
     def create(self, job: NewJob) -> int:
         args = [keys.job(0)[:-1], *_encode(_new_job_fields(job, self._clock()))]
@@ -510,7 +551,7 @@ class JobStore:
 
     def set_webhook_status(self, job_id: int, status: WebhookStatus) -> bool:
         args = [status.value, keys.JOB_EVENTS]
-        return bool(self._set_webhook(keys=[keys.job(job_id)], args=args))
+        return bool(self._set_webhook(keys=[keys.job(job_id), keys.WEBHOOKS_PENDING], args=args))
 
     def webhook_attempt_count(self, job_id: int) -> int:
         return int(self._r.hget(keys.job(job_id), "webhook_attempt_count") or 0)
@@ -525,8 +566,9 @@ class JobStore:
     ) -> bool:
         """Append one attempt (its number under "attempt") and set the delivery's status."""
         text = json.dumps(attempt, separators=(",", ":"))
-        args = [text, attempt["attempt"], status.value, keys.JOB_EVENTS]
-        return bool(self._record_webhook(keys=[keys.job(job_id)], args=args))
+        due = attempt.get("next_at")
+        args = [text, attempt["attempt"], status.value, keys.JOB_EVENTS, "" if due is None else due]
+        return bool(self._record_webhook(keys=[keys.job(job_id), keys.WEBHOOKS_PENDING], args=args))
 
     def webhook_attempts(self, job_id: int) -> list[dict[str, Any]]:
         raw = self._r.hget(keys.job(job_id), "webhook_attempts")
@@ -536,6 +578,46 @@ class JobStore:
     def active_ids(self) -> list[int]:
         """Ids of jobs not yet terminal, oldest first (the reconciler's and operators' view)."""
         return [int(_text(i)) for i in self._r.zrange(keys.ACTIVE_JOBS, 0, -1)]
+
+    def unleased_active(
+        self, *, idle_for: float, queue: str | None = None, batch: int = 500
+    ) -> list[ActiveJob]:
+        """Non-terminal jobs nobody holds a lease on, untouched for `idle_for` seconds (a job
+        just accepted may not be published yet), of broker queue `queue` (a record from before
+        queues were recorded counts as any): the reconciler's candidates."""
+        before = self._clock() - idle_for
+        found: list[ActiveJob] = []
+        ids = self.active_ids()
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            pipe = self._r.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.hmget(keys.job(job_id), "status", "updated_at", "queue")
+                pipe.exists(keys.job_lease(job_id))
+            replies = pipe.execute()
+            for job_id, (status, updated, its_queue), held in zip(
+                chunk, replies[::2], replies[1::2], strict=True
+            ):
+                if status is None or held or float(_text(updated or 0)) > before:
+                    continue
+                if queue is not None and its_queue and _text(its_queue) != queue:
+                    continue
+                found.append(ActiveJob(job_id, JobStatus(_text(status))))
+        return found
+
+    def count_redrive(self, job_id: int, status: JobStatus) -> int:
+        """Count one re-drive of a job still in `status` with no lease; 0 when it moved on."""
+        keys_ = [keys.job(job_id), keys.job_lease(job_id)]
+        return int(self._count_redrive(keys=keys_, args=[status.value]))
+
+    def webhooks_due(self, *, before: float, limit: int = 10_000) -> list[int]:
+        """Jobs whose pending webhook attempt was due before `before`, most overdue first."""
+        raw = self._r.zrangebyscore(keys.WEBHOOKS_PENDING, "-inf", before, start=0, num=limit)
+        return [int(_text(i)) for i in raw]
+
+    def forget_webhook(self, job_id: int) -> None:
+        """Drop a job from the pending-webhook index (its record expired)."""
+        self._r.zrem(keys.WEBHOOKS_PENDING, job_id)
 
 
 class AsyncJobStore:

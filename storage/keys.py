@@ -15,13 +15,30 @@ JOB_EVENTS = f"{PREFIX}:events:jobs"
 webhook delivery ends."""
 
 WORKERS = f"{PREFIX}:workers"
-"""Sorted set of worker names scored by the time of their last heartbeat."""
+"""Sorted set of generation worker names scored by the time of their last heartbeat while
+consuming: the ETA's "workers serving the queue"."""
+
+WORKER_INDEX = f"{PREFIX}:workers:all"
+"""Sorted set of every worker's name (both roles) scored by its last heartbeat: the index of the
+`worker(name)` records that `dreamq workers` reads."""
 
 CONTROL = f"{PREFIX}:control"
 """Pub/sub channel of commands to every worker process: 'warm <model_id>'."""
 
 WORKER_MODELS = f"{PREFIX}:workers:models"
-"""Hash worker process name -> JSON list of the model ids it holds in memory."""
+"""Hash worker process name ('<host>:<pid>' of a pool process) -> JSON list of the model ids it
+holds in memory."""
+
+WORKER_MODELS_EXPIRY = f"{PREFIX}:workers:models:expiry"
+"""Sorted set of the `WORKER_MODELS` fields scored by the time after which the entry is dead: the
+process's control loop pushes it forward; readers drop entries past it."""
+
+WEBHOOKS_PENDING = f"{PREFIX}:webhooks:pending"
+"""Sorted set of finished jobs whose webhook delivery is still pending, scored by when its next
+attempt is due: the reconciler re-drives a delivery whose broker message was lost."""
+
+RECONCILER_LOCK = f"{PREFIX}:reconciler:lock"
+"""Held by the one reconciler that runs in the fleet (token, with an expiry)."""
 
 STATS_ALL = f"{PREFIX}:stats:_all"
 """Hash of fleet-wide run-time statistics."""
@@ -34,6 +51,11 @@ def job(job_id: int) -> str:
 def job_lease(job_id: int) -> str:
     """The token of the worker process running the job; expires with the lease."""
     return f"{PREFIX}:job:{job_id}:lease"
+
+
+def worker(name: str) -> str:
+    """A worker's liveness record (JSON), which expires when its heartbeats stop."""
+    return f"{PREFIX}:worker:{name}"
 
 
 def model_stats(model_id: str) -> str:
