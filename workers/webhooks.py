@@ -9,7 +9,10 @@ A retry is a new broker message with a countdown, never a sleeping thread. A mes
 (a message held longer than the broker's visibility timeout would be handed out twice), and a hop
 that arrives early is simply re-published for the rest. Each attempt number is claimed once in
 Redis, so duplicate messages never send twice; a claim whose dispatcher died mid-attempt lapses
-after a lease and the redelivered message (acks_late) tries again.
+after a lease (`attempt_lease_seconds`) and the redelivered message (acks_late) tries again. A
+message that finds the claim still live looks again once it has lapsed instead of being dropped:
+the redelivery may come before the lapse (RabbitMQ requeues at once when the dispatcher's
+connection drops).
 """
 
 from __future__ import annotations
@@ -41,7 +44,17 @@ MAX_HOLD_SECONDS = 900.0
 RabbitMQ's default consumer timeout (30 min), which would otherwise redeliver a held message."""
 
 EARLY_TOLERANCE_SECONDS = 0.05
-LEASE_MARGIN_SECONDS = 60.0
+LEASE_MARGIN_SECONDS = 10.0
+"""Time an attempt spends outside its POST: resolving and checking the host, signing, recording."""
+
+
+def attempt_lease_seconds(timeout_seconds: float) -> float:
+    """How long a claimed attempt is left to its dispatcher before another may make it (the first
+    one died mid-attempt). httpx applies the webhook timeout to each step of the POST, so a
+    webhook's small request and answer take at most three timeouts: connecting, sending the
+    body and waiting for the answer. Only a receiver that dribbles its answer in pieces can hold
+    an attempt longer; the worst that follows is a second POST with the same webhook-id."""
+    return 3 * timeout_seconds + LEASE_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,9 @@ class Outcome:
     """`pending` when another attempt is scheduled, else `sent` or `failed`."""
     retry_at: float | None = None
     record: dict[str, Any] | None = None
+    again: bool = False
+    """True when `retry_at` is when to look at this same attempt again (another dispatcher's
+    claim on it was live), not when the next attempt is due."""
 
 
 Schedule = Callable[[int, int, float], None]
@@ -162,7 +178,8 @@ class WebhookDispatcher:
             return None
         outcome = self.deliver(job_id, attempt)
         if outcome is not None and outcome.retry_at is not None:
-            self._reschedule(job_id, outcome.attempt + 1, outcome.retry_at)
+            following = outcome.attempt if outcome.again else outcome.attempt + 1
+            self._reschedule(job_id, following, outcome.retry_at)
         return outcome
 
     def deliver(self, job_id: int, attempt: int = 1) -> Outcome | None:
@@ -195,10 +212,29 @@ class WebhookDispatcher:
     def _overdue(self, job: JobRecord, attempt: int) -> Outcome | None:
         """A message whose attempt is already done or in flight: a duplicate, dropped. Unless it
         is the redelivery of an attempt whose successor was due long ago and never ran (the
-        dispatcher died between recording it and publishing the next): then schedule that now."""
+        dispatcher died between recording it and publishing the next): then schedule that now.
+        And a message whose attempt is claimed but not recorded looks again later."""
         if job.webhook_status is not WebhookStatus.PENDING:
             return None
-        if self._jobs.webhook_attempt_count(job.id) != attempt:
+        count = self._jobs.webhook_attempt_count(job.id)
+        if count == attempt - 1:
+            # In flight in another dispatcher, or its dispatcher died mid-attempt and this is its
+            # message back (RabbitMQ requeues it at once; Redis after the visibility timeout,
+            # which can be shorter than the claim). Dropping it would lose the delivery in the
+            # second case: look again once the claim has lapsed, when the attempt is recorded
+            # (this copy is then dropped) or free to claim.
+            wait = self._lease + 1
+            log.info(
+                "job %s: webhook attempt %s is claimed by another dispatcher; looking again in "
+                "%.0f s",
+                job.id,
+                attempt,
+                wait,
+            )
+            return Outcome(
+                attempt, WebhookStatus.PENDING, retry_at=self._clock() + wait, again=True
+            )
+        if count != attempt:
             return None
         last = self._jobs.webhook_attempts(job.id)[-1]
         next_at = last.get("next_at")

@@ -294,12 +294,39 @@ def test_an_attempt_whose_dispatcher_died_is_retried_after_the_lease(
     job_id = finished_job(jobs, owner)
     # The first dispatcher claimed attempt 1 and was killed before recording it.
     assert jobs.claim_webhook_attempt(job_id, 1, lease_seconds=70)
-    sender = ScriptedSender(Response(200))
-    hooks = dispatcher(jobs, api_keys, clock, sender)
-    assert hooks.handle(job_id) is None  # the claim is live: maybe still in flight
-    clock.now += 71
-    outcome = hooks.handle(job_id)  # the redelivered message
-    assert outcome is not None and outcome.status is WebhookStatus.SENT
+    sender, schedule = ScriptedSender(Response(200)), Scheduled()
+    hooks = dispatcher(jobs, api_keys, clock, sender, schedule)
+    # Its message is back while the claim is live (RabbitMQ requeues at once): not sent, and not
+    # dropped either: it looks again once the claim (the dispatcher's lease, 70 s) has lapsed.
+    outcome = hooks.handle(job_id)
+    assert outcome is not None and outcome.again and sender.sent == []
+    assert schedule.calls == [(job_id, 1, START + 71)]
+    assert run_schedule(hooks, clock, schedule)[-1].status is WebhookStatus.SENT
+    assert len(sender.sent) == 1
+    assert [a["attempt"] for a in jobs.webhook_attempts(job_id)] == [1]
+
+
+def test_a_copy_that_looked_again_is_dropped_when_the_attempt_was_made(
+    jobs: JobStore, api_keys: ApiKeyStore, owner: str, clock: Clock
+) -> None:
+    job_id = finished_job(jobs, owner)
+    assert jobs.claim_webhook_attempt(job_id, 1, lease_seconds=70)  # in flight elsewhere
+    sender, schedule = ScriptedSender(), Scheduled()
+    hooks = dispatcher(jobs, api_keys, clock, sender, schedule)
+    hooks.handle(job_id)  # a duplicate message: looks again later
+    ((_, attempt, due_at),) = schedule.calls
+    # Meanwhile the dispatcher holding the claim made the attempt.
+    made = {
+        "attempt": 1,
+        "at": clock.now,
+        "webhook_id": f"msg_{job_id}_success",
+        "status_code": 200,
+    }
+    assert jobs.record_webhook_attempt(job_id, made, WebhookStatus.SENT)
+    clock.now = due_at
+    schedule.calls.clear()
+    assert hooks.handle(job_id, attempt, due_at) is None
+    assert sender.sent == [] and schedule.calls == []
 
 
 def test_a_lost_next_attempt_is_rescheduled_by_the_redelivered_message(
