@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,9 @@ def _run_worker(role: str, queue: str, pool: str, concurrency: int) -> int:
             f"--pool={pool}",
             f"--concurrency={concurrency}",
             f"--queues={queue}",
-            f"--hostname={role}@%h",
+            # Unique per worker process, so two workers on one host are told apart; the same
+            # name keys its liveness record (`dreamq workers`).
+            f"--hostname={role}-{os.getpid()}@%h",
             f"--loglevel={settings.log_level}",
             # A fleet coordinates through Redis job records, not worker gossip: faster startup.
             "--without-gossip",
@@ -152,7 +155,7 @@ def _webhook_dispatcher(settings: Settings) -> WebhookDispatcher:
     from dreamq.outbound import parse_cidrs
     from storage.apikeys import ApiKeyStore
     from storage.jobs import JobStore
-    from workers.webhooks import HttpWebhookSender, WebhookDispatcher
+    from workers.webhooks import HttpWebhookSender, WebhookDispatcher, attempt_lease_seconds
 
     client = redis.Redis.from_url(settings.redis_url)
     api_keys = ApiKeyStore(client)
@@ -166,6 +169,7 @@ def _webhook_dispatcher(settings: Settings) -> WebhookDispatcher:
         sender=HttpWebhookSender(settings.webhook_timeout_seconds),
         secrets=signing_secrets,
         allow=parse_cidrs(settings.outbound_allow_cidrs),
+        lease_seconds=attempt_lease_seconds(settings.webhook_timeout_seconds),
     )
 
 
@@ -194,6 +198,81 @@ def cmd_jobs_webhook(args: argparse.Namespace) -> int:
         return 1
     status, attempts = job.webhook_status.value, jobs.webhook_attempts(args.job_id)
     print(json.dumps({"id": job.id, "webhook_status": status, "attempts": attempts}))
+    return 0
+
+
+def cmd_jobs_reconcile(args: argparse.Namespace) -> int:
+    from dreamq.queue import make_celery
+    from workers.reconciler import fleet_lock, from_settings
+
+    settings = _settings()
+    _logging(settings)
+    lock = fleet_lock(settings)
+    if not lock.hold():
+        print("a dispatcher's reconciler is running (it holds the fleet lock); it passes every "
+              f"{settings.reconcile_seconds:g} s", file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        reconciler = from_settings(settings, make_celery(settings))
+        reconciler.run_once()  # notes what is missing from the broker
+        time.sleep(args.wait)  # a message moving between queue and consumer is in neither
+        lock.hold()
+        report = reconciler.run_once()  # re-drives what is still missing
+    finally:
+        lock.release()
+    print(json.dumps({"jobs": report.jobs, "failed": report.failed, "webhooks": report.webhooks}))
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds:.1f}s"
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    import redis
+
+    from storage.workers import OK, WorkerStore, find, queue_depths
+
+    settings = _settings()
+    store = WorkerStore(redis.Redis.from_url(settings.redis_url))
+    statuses = store.statuses(lambda names: queue_depths(settings.effective_broker_url, names))
+    if args.check is not None:
+        found = find(statuses, args.check)
+        if found is None:
+            print(f"worker {args.check}: unknown (no heartbeat record)", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(found.as_dict()))
+        else:
+            print(f"{found.record.name}: {found.state}{': ' if found.reason else ''}{found.reason}")
+        return 0 if found.state == OK else 1
+    if args.json:
+        print(json.dumps([status.as_dict() for status in statuses]))
+        return 0
+    header = ["NAME", "ROLE", "STATE", "QUEUES", "HEARTBEAT", "RECEIVED", "JOBS", "MODELS", "DEPTH"]
+    rows = [header]
+    for status in statuses:
+        record = status.record
+        rows.append(
+            [
+                record.name,
+                record.role,
+                status.state,
+                ",".join(record.queues),
+                _age(status.heartbeat_age),
+                _age(status.received_age),
+                ",".join(map(str, record.jobs)) or "-",
+                ",".join(status.models) or "-",
+                "?" if status.queue_depth is None else str(status.queue_depth),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    for status in statuses:
+        if status.reason:
+            print(f"{status.record.name}: {status.reason}")
     return 0
 
 
@@ -259,6 +338,27 @@ def parser() -> argparse.ArgumentParser:
     show = jobs_sub.add_parser("webhook", help="a job's webhook status and every attempt (JSON)")
     show.add_argument("job_id", type=int)
     show.set_defaults(func=cmd_jobs_webhook)
+    reconcile = jobs_sub.add_parser(
+        "reconcile",
+        help="publish again every job and webhook whose broker message was lost (what the "
+        "dispatchers' reconciler does every DREAMQ_RECONCILE_SECONDS); prints what it did",
+    )
+    reconcile.add_argument(
+        "--wait", type=float, default=2.0, help="seconds between the two looks at the broker"
+    )
+    reconcile.set_defaults(func=cmd_jobs_reconcile)
+
+    workers = sub.add_parser(
+        "workers", help="workers, their queues, loaded models, heartbeat and consumption state"
+    )
+    workers.add_argument("--json", action="store_true", help="print a JSON list")
+    workers.add_argument(
+        "--check",
+        metavar="NAME",
+        help="exit 1 unless worker NAME is ok (not stale, not stalled); NAME may be ROLE@HOST "
+        "for the newest worker of that role on that host, e.g. generate@$(hostname)",
+    )
+    workers.set_defaults(func=cmd_workers)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model (offline)")
     tiny.add_argument("directory")

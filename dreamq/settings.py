@@ -124,6 +124,21 @@ class Settings(BaseSettings):
         description="Deliveries of one job before it is failed (a job that crashes its "
         "worker process every time).",
     )
+    reconcile_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Period of the reconciler (in every dispatcher; one runs at a time): a job or "
+        "webhook whose broker message was lost (a broker restart without persistence, a flushed "
+        "queue) is published again within two periods.",
+    )
+    heartbeat_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=10,
+        description="Seconds between a worker's heartbeats (its liveness record in Redis). A "
+        "worker is stale after 3 intervals without one, and stalled after 3 intervals without "
+        "consuming; at most 10, since the ETA counts workers heard from in the last 30 s.",
+    )
     dev_api_key: str | None = Field(
         None, description="dreamq dev only: the API key to register (else one is generated)."
     )

@@ -19,25 +19,26 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import (
+    task_received,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 
 from dreamq.outbound import parse_cidrs
 from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, CeleryPublisher, make_celery
 from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
-from storage.eta import DurationRecorder, heartbeat
+from storage.eta import DurationRecorder
 from storage.jobs import JobStore
 from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX
 from storage.objects import ObjectStore, S3ObjectStore, open_object_store
+from workers.liveness import Heartbeat
 from workers.supervision import JobSupervisor, supervised_request
 
 log = logging.getLogger("dreamq.worker")
-
-HEARTBEAT_SECONDS = 10.0
 
 
 @dataclass
@@ -79,10 +80,10 @@ class WorkerRuntime:
         else:
             from storage.apikeys import ApiKeyStore
             from workers.webhooks import (
-                LEASE_MARGIN_SECONDS,
                 HttpWebhookSender,
                 RetryPolicy,
                 WebhookDispatcher,
+                attempt_lease_seconds,
                 celery_schedule,
             )
 
@@ -101,7 +102,7 @@ class WorkerRuntime:
                     self.app, WEBHOOK_TASK, settings.webhook_queue, clock=time.time
                 ),
                 allow=parse_cidrs(settings.outbound_allow_cidrs),
-                lease_seconds=settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS,
+                lease_seconds=attempt_lease_seconds(settings.webhook_timeout_seconds),
             )
         return _ProcessParts(pid=os.getpid(), runner=runner, dispatcher=dispatcher)
 
@@ -138,6 +139,7 @@ class WorkerRuntime:
             cache,
             name=f"{socket.gethostname()}:{os.getpid()}",
             idle_seconds=settings.model_idle_seconds,
+            refresh_seconds=settings.heartbeat_seconds,
         )
         control.start()
         # A pool process does not run atexit handlers: Celery ends it with os._exit.
@@ -180,31 +182,6 @@ def _registry(settings: Settings) -> Registry:
     return load_registry(settings.models_file)
 
 
-class _Heartbeat:
-    """Writes this worker's heartbeat to Redis on a timer, from the main process."""
-
-    def __init__(self, settings: Settings, name: str) -> None:
-        self._client = redis.Redis.from_url(settings.redis_url)
-        self._name = name
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dreamq-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                heartbeat(self._client, self._name)
-            except redis.RedisError:
-                log.warning("heartbeat: Redis unavailable")
-            if self._stop.wait(HEARTBEAT_SECONDS):
-                return
-
-
 def create_worker_app(settings: Settings, role: str) -> Celery:
     """A Celery app whose tasks run generation jobs (role 'generate') or webhooks ('webhooks')."""
     if role not in ("generate", "webhooks"):
@@ -227,12 +204,33 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
 
     def on_process_init(**_: Any) -> None:
         runtime.parts()
+        # Celery says "ready" once the consumer runs, not once the pool processes have built
+        # their parts (torch imported, clients up): only from here does a job start at once.
+        log.info("pool process ready (%s)", role)
 
     # weak=False: the handlers are closures that would otherwise be collected at once.
     worker_process_init.connect(on_process_init, weak=False)
-    if role == "generate":
-        # Only generation workers count towards the ETA's "workers serving the queue".
-        beat = _Heartbeat(settings, f"{role}@{socket.gethostname()}:{os.getpid()}")
-        worker_ready.connect(lambda **_: beat.start(), weak=False)
-        worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
+    # Every worker writes its liveness record (workers/liveness.py) from the main process; only
+    # generation workers that consume count towards the ETA's "workers serving the queue".
+    beat = Heartbeat(
+        redis.Redis.from_url(settings.redis_url), role=role, interval=settings.heartbeat_seconds
+    )
+    worker_ready.connect(lambda sender, **_: beat.start(sender), weak=False)
+    task_received.connect(beat.received, weak=False)
+    worker_shutting_down.connect(beat.stopping, weak=False)
+    worker_shutdown.connect(beat.stop, weak=False)
+    if role == "webhooks":
+        _run_reconciler(settings, app)
     return app
+
+
+def _run_reconciler(settings: Settings, app: Celery) -> None:
+    """Every dispatcher runs the reconciler's loop in its main process; the fleet lock lets one
+    of them work at a time."""
+    from workers.reconciler import ReconcilerThread, fleet_lock, from_settings
+
+    thread = ReconcilerThread(
+        from_settings(settings, app), fleet_lock(settings), settings.reconcile_seconds
+    )
+    worker_ready.connect(lambda **_: thread.start(), weak=False)
+    worker_shutdown.connect(lambda **_: thread.stop(), weak=False)

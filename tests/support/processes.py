@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -139,16 +139,65 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
+def redis_server(
+    directory: Path, *, port: int | None = None, appendonly: bool = False
+) -> Iterator[RedisServer]:
+    """A redis-server without persistence, or with AOF (fsync every second) like compose's; a
+    given port and directory restart a server where a killed one left off."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (make test installs it)")
-    port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(directory)]  # fmt: skip
+    port = port or free_port()
+    aof = (
+        ["--appendonly", "yes", "--appendfsync", "everysec"]
+        if appendonly
+        else ["--appendonly", "no"]
+    )
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
+               "--dir", str(directory)]  # fmt: skip
     with running(command, name="redis-server") as output:
         output.wait_for(r"Ready to accept connections", timeout=15)
         yield RedisServer(port, output)
+
+
+class RestartableRedis:
+    """A redis-server on a fixed port and folder that a test kills and starts again."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.appendonly = appendonly
+        self._stack = ExitStack()
+        self.server: RedisServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        context = redis_server(self.directory, port=self.port, appendonly=self.appendonly)
+        self.server = self._stack.enter_context(context)
+        return self.server
+
+    def kill(self) -> None:
+        """kill -9: what the server had not written to disk is lost."""
+        assert self.server is not None
+        os.kill(self.server.output.process.pid, signal.SIGKILL)
+        self.server.output.process.wait()
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@contextmanager
+def restartable(directory: Path, *, appendonly: bool = False) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(directory, appendonly=appendonly)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def dreamq_command(*args: str) -> list[str]:
@@ -224,6 +273,9 @@ class WebhookReceiver:
     status: int = 200
     script: list[int] = field(default_factory=list)
     """Statuses to answer first, one per POST, before `status`."""
+    hold: list[threading.Event] = field(default_factory=list)
+    """Gates for the first POSTs, one per POST: such a POST is recorded as soon as it arrives and
+    answered only once its gate is set (a receiver holding the request open)."""
 
     @property
     def url(self) -> str:
@@ -241,12 +293,17 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))
             body = self.rfile.read(length)
-            self.send_response(receiver.script.pop(0) if receiver.script else receiver.status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-            receiver.received.put(
-                Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-            )
+            received = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            gate = receiver.hold.pop(0) if receiver.hold else None
+            if gate is not None:
+                receiver.received.put(received)
+                gate.wait(300)
+            with suppress(OSError):  # a held request's client may be gone by now
+                self.send_response(receiver.script.pop(0) if receiver.script else receiver.status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+            if gate is None:
+                receiver.received.put(received)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
