@@ -152,25 +152,12 @@ def cmd_keys_rotate_secret(args: argparse.Namespace) -> int:
 def _webhook_dispatcher(settings: Settings) -> WebhookDispatcher:
     import redis
 
-    from dreamq.outbound import parse_cidrs
-    from storage.apikeys import ApiKeyStore
     from storage.jobs import JobStore
-    from workers.webhooks import HttpWebhookSender, WebhookDispatcher, attempt_lease_seconds
+    from workers.webhooks import dispatcher_from_settings
 
     client = redis.Redis.from_url(settings.redis_url)
-    api_keys = ApiKeyStore(client)
-
-    def signing_secrets(owner: str, now: float) -> list[str]:
-        found = api_keys.webhook_secrets(owner)
-        return found.signing(now) if found else []
-
-    return WebhookDispatcher(
-        jobs=JobStore(client, ttl_seconds=settings.job_ttl_seconds),
-        sender=HttpWebhookSender(settings.webhook_timeout_seconds),
-        secrets=signing_secrets,
-        allow=parse_cidrs(settings.outbound_allow_cidrs),
-        lease_seconds=attempt_lease_seconds(settings.webhook_timeout_seconds),
-    )
+    jobs = JobStore(client, ttl_seconds=settings.job_ttl_seconds)
+    return dispatcher_from_settings(settings, client, jobs)
 
 
 def cmd_jobs_replay_webhook(args: argparse.Namespace) -> int:

@@ -27,7 +27,6 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from dreamq.outbound import parse_cidrs
 from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, CeleryPublisher, make_celery
 from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
@@ -78,32 +77,10 @@ class WorkerRuntime:
         if self.role == "generate":
             runner = self._build_runner(client, jobs, publisher)
         else:
-            from storage.apikeys import ApiKeyStore
-            from workers.webhooks import (
-                HttpWebhookSender,
-                RetryPolicy,
-                WebhookDispatcher,
-                attempt_lease_seconds,
-                celery_schedule,
-            )
+            from workers.webhooks import celery_schedule, dispatcher_from_settings
 
-            api_keys = ApiKeyStore(client)
-
-            def signing_secrets(owner: str, now: float) -> list[str]:
-                found = api_keys.webhook_secrets(owner)
-                return found.signing(now) if found else []
-
-            dispatcher = WebhookDispatcher(
-                jobs=jobs,
-                sender=HttpWebhookSender(settings.webhook_timeout_seconds),
-                policy=RetryPolicy(settings.webhook_retry_delays),
-                secrets=signing_secrets,
-                schedule=celery_schedule(
-                    self.app, WEBHOOK_TASK, settings.webhook_queue, clock=time.time
-                ),
-                allow=parse_cidrs(settings.outbound_allow_cidrs),
-                lease_seconds=attempt_lease_seconds(settings.webhook_timeout_seconds),
-            )
+            schedule = celery_schedule(self.app, WEBHOOK_TASK, settings.webhook_queue, time.time)
+            dispatcher = dispatcher_from_settings(settings, client, jobs, schedule)
         return _ProcessParts(pid=os.getpid(), runner=runner, dispatcher=dispatcher)
 
     def _build_runner(self, client: redis.Redis, jobs: JobStore, publisher: Any) -> Any:

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import redis
 
 from dreamq.contract import webhook_body
-from dreamq.outbound import BlockedUrl, Network, check_url
+from dreamq.outbound import BlockedUrl, Network, check_url, parse_cidrs
+from dreamq.settings import Settings
 from dreamq.signing import signature_header
 from storage.jobs import JobRecord, JobStore, WebhookStatus
 
@@ -319,3 +321,28 @@ def celery_schedule(app: Any, task_name: str, queue: str, clock: Callable[[], fl
         app.send_task(task_name, args=[job_id, attempt, due_at], countdown=countdown, queue=queue)
 
     return schedule
+
+
+def dispatcher_from_settings(
+    settings: Settings, client: redis.Redis, jobs: JobStore, schedule: Schedule | None = None
+) -> WebhookDispatcher:
+    """The dispatcher of a deployment: signing secrets from the API keys, its timeout, retry
+    schedule, claim lease and outbound allowlist. Without `schedule` it makes single attempts
+    (an operator's replay)."""
+    from storage.apikeys import ApiKeyStore
+
+    api_keys = ApiKeyStore(client)
+
+    def signing_secrets(owner: str, now: float) -> list[str]:
+        found = api_keys.webhook_secrets(owner)
+        return found.signing(now) if found else []
+
+    return WebhookDispatcher(
+        jobs=jobs,
+        sender=HttpWebhookSender(settings.webhook_timeout_seconds),
+        policy=RetryPolicy(settings.webhook_retry_delays),
+        secrets=signing_secrets,
+        schedule=schedule,
+        allow=parse_cidrs(settings.outbound_allow_cidrs),
+        lease_seconds=attempt_lease_seconds(settings.webhook_timeout_seconds),
+    )
