@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +16,11 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from api import errors
+from api.bodysize import BodySizeLimit
 from api.routes import router
 from api.service import DreamboothService
 from dreamq import __version__
@@ -27,6 +30,7 @@ from dreamq.settings import Settings
 from storage.apikeys import AsyncApiKeyStore
 from storage.jobs import AsyncJobStore
 from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX, input_key
+from storage.limits import RateLimiter
 from storage.objects import LocalDirObjectStore, ObjectStore, open_object_store
 
 log = logging.getLogger("dreamq.api")
@@ -40,6 +44,10 @@ class Overrides:
     registry: Registry | None = None
     objects: ObjectStore | None = None
     publisher: Publisher | None = None
+    limiter_client: aioredis.Redis | None = None
+    """The rate limiter's Redis; else DREAMQ_RATE_LIMIT_REDIS_URL's, else the job Redis."""
+    limiter_clock: Callable[[], float] | None = None
+    """The rate limiter's clock; else Redis's own."""
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -48,17 +56,23 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     registry = parts.registry or _registry(settings)
     objects = parts.objects or open_object_store(settings)
     publisher = parts.publisher or CeleryPublisher(make_celery(settings), settings)
+    limiter_client = parts.limiter_client or _limiter_client(settings) or client
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await client.aclose()
+        if limiter_client is not client:
+            await limiter_client.aclose()
 
     app = FastAPI(
         title="dreamq",
         version=__version__,
         summary="Self-hosted Dreambooth API V4: text to image through a distributed job queue.",
         lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.body_limit, legacy_http_200=settings.legacy_http_200
     )
     app.state.settings = settings
     app.state.service = DreamboothService(
@@ -69,6 +83,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         registry=registry,
         objects=objects,
         publisher=publisher,
+        limiter=RateLimiter(
+            limiter_client, when_down=settings.rate_limit_when_down, clock=parts.limiter_clock
+        ),
     )
     errors.install(app, legacy_http_200=settings.legacy_http_200)
     app.include_router(router)
@@ -78,7 +95,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["operations"])
+    @app.get("/ready", tags=["operations"], responses={503: {"description": "Redis is down"}})
     async def ready() -> JSONResponse:
         """Readiness: Redis answers (the broker is Redis unless configured otherwise)."""
         try:
@@ -115,6 +132,19 @@ def _expired(key: str, path: Path) -> bool:
     if not key.startswith(TEMP_PREFIX):
         return False
     return time.time() - path.stat().st_mtime > TEMP_LIFETIME_SECONDS
+
+
+def _limiter_client(settings: Settings) -> aioredis.Redis | None:
+    if settings.rate_limit_redis_url is None:
+        return None
+    # Every request waits on the limiter: a Redis that went away must cost a request about a
+    # second, not the default 5 s timeouts times the default retries.
+    return aioredis.Redis.from_url(
+        settings.rate_limit_redis_url,
+        socket_connect_timeout=1.0,
+        socket_timeout=1.0,
+        retry=Retry(NoBackoff(), retries=1),
+    )
 
 
 def _registry(settings: Settings) -> Registry:

@@ -8,10 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from dreamq.capabilities import unknown_ids
 from dreamq.contract import attribute
-from dreamq.errors import DreamqError, FieldErrors
+from dreamq.errors import DreamqError, FieldErrors, PayloadTooLarge, RateLimited
 
 log = logging.getLogger("dreamq.api")
 
@@ -74,7 +75,13 @@ def install(app: FastAPI, *, legacy_http_200: bool) -> None:
 
     async def on_dreamq_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DreamqError)
-        return JSONResponse(error_body(exc.message), status_code=status(exc.http_status))
+        headers = None
+        if isinstance(exc, RateLimited):
+            # Sent in legacy mode too: a 200 with Retry-After still tells a client when to retry.
+            headers = {"Retry-After": str(exc.retry_after)}
+        return JSONResponse(
+            error_body(exc.message), status_code=status(exc.http_status), headers=headers
+        )
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -88,10 +95,22 @@ def install(app: FastAPI, *, legacy_http_200: bool) -> None:
                 errors.setdefault(field, messages)
         return JSONResponse(error_body(errors), status_code=status(400))
 
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's own refusals (413 body too large, 404 unknown path, 405) in the same body
+        # shape as every other error.
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == PayloadTooLarge.http_status:
+            message = PayloadTooLarge().message
+        else:
+            message = str(exc.detail)
+        code = status(exc.status_code) if request.url.path.startswith("/api/") else exc.status_code
+        return JSONResponse(error_body(message), status_code=code, headers=exc.headers)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body("Internal server error"), status_code=status(500))
 
     app.add_exception_handler(DreamqError, on_dreamq_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -26,8 +26,26 @@ from dreamq.contract import (
 
 router = APIRouter()
 
+# Every error answer has the ErrorResponse body; these are the codes the routes give. "4XX" also
+# keeps FastAPI from documenting a 422 with its own body: validation errors are 400s here.
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 503)
+    400: {"model": ErrorResponse, "description": "Invalid fields (named each), or unknown model"},
+    401: {"model": ErrorResponse, "description": "Invalid Api Key (unknown, revoked, malformed)"},
+    404: {"model": ErrorResponse, "description": "Request not found (or another key's)"},
+    413: {"model": ErrorResponse, "description": "Request body over the deployment's cap"},
+    429: {
+        "model": ErrorResponse,
+        "description": "Over the key's request rate or queued-jobs cap",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    },
+    503: {"model": ErrorResponse, "description": "A service it needs is down; try again later"},
+    "4XX": {"model": ErrorResponse, "description": "Any other refusal, in the same body"},
 }
 FetchAnswer = SuccessResponse | FetchProcessingResponse | FailedResponse
 

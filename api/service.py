@@ -35,6 +35,7 @@ from dreamq.errors import (
     InvalidApiKey,
     JobNotFound,
     ModelNotFound,
+    RateLimited,
     ServiceUnavailable,
     ValidationFailed,
 )
@@ -47,13 +48,15 @@ from dreamq.jobparams import (
     LoraChoice,
     OutputFormat,
 )
+from dreamq.outbound import Network, early_refusal, parse_cidrs
 from dreamq.queue import Publisher
 from dreamq.registry import Registry
-from dreamq.settings import Settings
+from dreamq.settings import PlanLimits, Settings
 from storage import eta, keys
 from storage.apikeys import AsyncApiKeyStore, KeyInfo
-from storage.jobs import AsyncJobStore, NewJob
+from storage.jobs import AsyncJobStore, NewJob, UnfinishedCapReached
 from storage.layout import input_key, output_key
+from storage.limits import RateLimiter, fingerprint
 from storage.objects import ObjectStore
 
 log = logging.getLogger("dreamq.api")
@@ -73,9 +76,14 @@ class DreamboothService:
         registry: Registry,
         objects: ObjectStore,
         publisher: Publisher,
+        limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._outbound_allow = parse_cidrs(settings.outbound_allow_cidrs)
+        self._limiter = limiter
+        """None: no request rate and no duplicate filter (the plans' job caps still hold)."""
+        self._unknown_plans: set[str] = set()
         self._redis = redis_client
         self._jobs = jobs
         self._keys = api_keys
@@ -98,6 +106,8 @@ class DreamboothService:
         """Accept a generation request of any kind: validate it against the registry, persist
         the job, publish it, and answer its id and ETA at once."""
         owner = await self.authenticate(request.key)
+        # Counted before any work (registry checks, input decoding and storage) is done.
+        plan = await self._admit(owner)
         assert request.model_id is not None and request.prompt is not None  # validated
         entry = self._registry.model(request.model_id)
         if entry is None:
@@ -108,6 +118,7 @@ class DreamboothService:
         params = self._params(kind, request, input_token)
         # Refused here, by name, rather than failed later on a GPU.
         errors = refusals(entry, params, self._registry)
+        errors |= _url_refusals(request, params, self._outbound_allow)
         if errors:
             raise ValidationFailed(errors)
         await self._store_inputs(request, params)
@@ -126,7 +137,8 @@ class DreamboothService:
         inputs = await eta.read_inputs(self._redis, request.model_id, self._clock())
         run_seconds = eta.predicted_run_seconds(inputs, units, self._settings.default_eta_seconds)
         eta_seconds = eta.estimate(inputs, run_seconds, self._settings.default_eta_seconds)
-        job_id = await self._jobs.create(
+        marker = await self._not_a_duplicate(owner, kind, request)
+        job_id = await self._create(
             NewJob(
                 owner=owner.id,
                 model_id=request.model_id,
@@ -140,20 +152,23 @@ class DreamboothService:
                 webhook=request.webhook,
                 track_id=request.track_id,
                 queue=self._settings.generate_queue,
-            )
+            ),
+            plan=plan,
+            marker=marker,
+            retry_after=run_seconds,
         )
-        await self._publish(job_id)
+        await self._publish(job_id, marker)
         return ProcessingResponse(
             eta=eta_seconds,
             fetch_result=f"{self._settings.public_url}/api/v4/dreambooth/fetch/{job_id}",
             id=job_id,
             meta=meta,
-            future_links=links,
+            future_links=[self._objects.present(link) for link in links],
         )
 
     async def model_reload(self, request: ModelRequest) -> ModelReloadResponse:
         """Ask every worker serving the model to load it now; answers with the load's ETA."""
-        await self.authenticate(request.key)
+        await self._admit(await self.authenticate(request.key))
         assert request.model_id is not None  # validated
         if self._registry.model(request.model_id) is None:
             raise ModelNotFound()
@@ -182,15 +197,67 @@ class DreamboothService:
         # difference would let a key enumerate the others' traffic.
         if job is None or job.owner != owner.id:
             raise JobNotFound()
-        return job_body(job, self._clock())
+        return job_body(job, self._clock(), self._objects.present)
 
-    async def _publish(self, job_id: int) -> None:
+    def _plan(self, owner: KeyInfo) -> PlanLimits:
+        stale = owner.plan is not None and owner.plan not in self._settings.plans
+        if stale and owner.plan not in self._unknown_plans:
+            assert owner.plan is not None
+            self._unknown_plans.add(owner.plan)
+            log.warning(
+                "plan %r of key %s is not in DREAMQ_PLANS: the default plan %r applies",
+                owner.plan,
+                owner.id,
+                self._settings.default_plan,
+            )
+        return self._settings.plan_limits(owner.plan)
+
+    async def _admit(self, owner: KeyInfo) -> PlanLimits:
+        """The key's plan, once this request is counted against its rate (RateLimited when
+        over it). Only requests that start work count: fetch and model_list do not."""
+        plan = self._plan(owner)
+        if self._limiter is not None:
+            await self._limiter.hit(owner.id, plan)
+        return plan
+
+    async def _not_a_duplicate(
+        self, owner: KeyInfo, kind: JobKind, request: GenerationRequest
+    ) -> str | None:
+        window = self._settings.duplicate_window_seconds
+        if self._limiter is None or window <= 0:
+            return None
+        digest = fingerprint(kind, request.model_dump(mode="json", exclude={"key"}))
+        return await self._limiter.check_duplicate(owner.id, digest, window)
+
+    async def _create(
+        self, job: NewJob, *, plan: PlanLimits, marker: str | None, retry_after: float
+    ) -> int:
+        """Persist the job; the plan's cap on unfinished jobs is checked in the same step."""
+        try:
+            return await self._jobs.create(job, max_unfinished=plan.max_queued)
+        except UnfinishedCapReached as full:
+            await self._forget(marker)
+            # A slot frees when one of the key's jobs ends: about one run time away.
+            raise RateLimited(
+                retry_after, f"{full.cap} requests already queued or running for this key."
+            ) from None
+        except Exception:
+            await self._forget(marker)
+            raise
+
+    async def _forget(self, marker: str | None) -> None:
+        """The request was not accepted after all: the same request again is no duplicate."""
+        if self._limiter is not None:
+            await self._limiter.forget(marker)
+
+    async def _publish(self, job_id: int, marker: str | None = None) -> None:
         try:
             await anyio.to_thread.run_sync(self._publisher.publish_job, job_id)
         except Exception:
             # The record exists; fail it so a fetch tells the truth instead of "processing" forever.
             log.exception("publishing job %s failed", job_id)
             await self._jobs.fail(job_id, "The queue is unavailable; the job was not started.")
+            await self._forget(marker)
             raise ServiceUnavailable("The queue is unavailable, try again later.") from None
 
     def _params(self, kind: JobKind, request: GenerationRequest, input_token: str) -> JobParams:
@@ -401,3 +468,22 @@ def _meta(
 
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
+
+
+def _url_refusals(
+    request: GenerationRequest, params: JobParams, allow: list[Network]
+) -> FieldErrors:
+    """The outbound URLs the guard refuses on their face (R16): the webhook and input images
+    given as URLs. Host names are resolved only where they are used, by the worker and the
+    dispatcher, which check every address again when they connect."""
+    urls = {"webhook": request.webhook}
+    for field in ("init_image", "mask_image"):
+        ref: ImageInput | None = getattr(params, field)
+        if ref is not None:
+            urls[field] = ref.url
+    errors: FieldErrors = {}
+    for field, url in urls.items():
+        reason = None if url is None else early_refusal(url, allow)
+        if reason is not None:
+            errors[field] = [f"The {attribute(field)} URL is not allowed: {reason}."]
+    return errors

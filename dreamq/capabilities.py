@@ -173,22 +173,22 @@ def _named_scheduler(name: str | None) -> str | None:
 
 def _adapters(entry: ModelEntry, params: JobParams, registry: Registry, refuse: _Refuse) -> None:
     seen: set[str] = set()
-    for lora in params.loras:
+    for index, lora in enumerate(params.loras):
         if entry.kind == "text2video":
             refuse("lora_model", "The lora_model field is not served for text2video models.")
             break
         if lora.id in seen:
-            refuse("lora_model", f"The LoRA {lora.id} is given twice.")
+            refuse("lora_model", "A LoRA is given twice.")
         seen.add(lora.id)
         known = registry.loras.get(lora.id)
         if known is None:
-            refuse("lora_model", _unknown("LoRA", lora.id))
+            refuse("lora_model", _unknown("LoRA", index, len(params.loras)))
         elif known.family != entry.family:
             refuse("lora_model", _family_message("LoRA", lora.id, known.family, entry.family))
     if params.embedding is not None:
         embedding = registry.embeddings.get(params.embedding)
         if embedding is None:
-            refuse("embeddings_model", _unknown("embedding", params.embedding))
+            refuse("embeddings_model", _unknown("embedding"))
         elif embedding.family != entry.family:
             refuse(
                 "embeddings_model",
@@ -197,7 +197,7 @@ def _adapters(entry: ModelEntry, params: JobParams, registry: Registry, refuse: 
     if params.vae is not None:
         vae = registry.vaes.get(params.vae)
         if vae is None:
-            refuse("vae", _unknown("VAE", params.vae))
+            refuse("vae", _unknown("VAE"))
         elif vae.family != entry.family:
             refuse("vae", _family_message("VAE", params.vae, vae.family, entry.family))
 
@@ -218,14 +218,19 @@ def unknown_ids(registry: Registry, body: Mapping[str, Any]) -> dict[str, list[s
         value = body.get(field)
         if not isinstance(value, str):
             continue
-        for item in (part.strip() for part in value.split(",")):
+        items = [part.strip() for part in value.split(",")]
+        for index, item in enumerate(items):
             if item and item.lower() not in NO_ID_WORDS and item not in known:
-                errors.setdefault(field, []).append(_unknown(what, item))
+                errors.setdefault(field, []).append(_unknown(what, index, len(items)))
     return errors
 
 
-def _unknown(what: str, name: str) -> str:
-    return f"The {what} {name} is not available."
+def _unknown(what: str, index: int = 0, count: int = 1) -> str:
+    # The id itself is not echoed: an unknown "id" may be anything a client pasted, a key
+    # included (R21). Ids the registry knows are the deployment's public names and are named.
+    if count > 1:
+        return f"The {what} number {index + 1} of {count} is not available."
+    return f"The {what} is not available."
 
 
 def _family_message(what: str, name: str, family: ModelFamily, model_family: ModelFamily) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from dreamq.settings import Settings
 
 if TYPE_CHECKING:
-    from storage.apikeys import WebhookSecrets
+    from storage.apikeys import ApiKeyStore, KeyInfo, WebhookSecrets
     from workers.webhooks import WebhookDispatcher
 
 
@@ -90,22 +90,103 @@ def cmd_dispatcher(args: argparse.Namespace) -> int:
     return _run_worker("webhooks", settings.webhook_queue, "threads", args.concurrency)
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
+def _key_store(settings: Settings) -> ApiKeyStore:
     import redis
 
     from storage.apikeys import ApiKeyStore
 
+    return ApiKeyStore(redis.Redis.from_url(settings.redis_url), plans=settings.plans)
+
+
+def _plan_of(info: KeyInfo, settings: Settings) -> str:
+    """The plan whose limits apply to the key, as the API resolves it."""
+    if info.plan is None:
+        return f"{settings.default_plan} (default)"
+    if info.plan not in settings.plans:
+        return f"{info.plan} (not configured: {settings.default_plan} applies)"
+    return info.plan
+
+
+def _key_public(info: KeyInfo, settings: Settings) -> dict[str, object]:
+    """What `keys list` shows of a key: never the key or its hash."""
+    return {
+        "id": info.id,
+        "name": info.name,
+        "plan": info.plan or settings.default_plan,
+        "plan_applied": _plan_of(info, settings),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at)),
+        "created_at": info.created_at,
+        "revoked": info.revoked,
+    }
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from storage.apikeys import UnknownPlan
+
     settings = _settings()
-    store = ApiKeyStore(redis.Redis.from_url(settings.redis_url))
-    key, info = store.create(args.name)
+    store = _key_store(settings)
+    try:
+        key, info = store.create(args.name, plan=args.plan)
+    except UnknownPlan as exc:
+        print(f"dreamq: {exc}", file=sys.stderr)
+        return 2
     found = store.webhook_secrets(info.id)
     secret = found.primary if found else ""
+    plan = info.plan or settings.default_plan
     if args.json:
-        print(json.dumps({"name": info.name, "id": info.id, "key": key, "webhook_secret": secret}))
+        print(json.dumps({"name": info.name, "id": info.id, "key": key, "webhook_secret": secret,
+                          "plan": plan}))  # fmt: skip
     else:
-        print(f"created key {info.id} ({info.name}); it is shown once, store it now:\n{key}")
+        print(f"created key {info.id} ({info.name}, plan {plan}); it is shown once, store it "
+              f"now:\n{key}")  # fmt: skip
         print(f"webhook signing secret (`dreamq keys secret {info.id}` shows it again):\n{secret}")
     return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    settings = _settings()
+    found = [_key_public(info, settings) for info in _key_store(settings).list()]
+    if args.json:
+        print(json.dumps(found))
+        return 0
+    rows = [["ID", "NAME", "PLAN", "CREATED", "STATE"]]
+    for key in found:
+        state = "revoked" if key["revoked"] else "active"
+        rows.append([str(key["id"]), str(key["name"]), str(key["plan_applied"]),
+                     str(key["created"]), state])  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    info = _key_store(_settings()).revoke(args.key_id)
+    if info is None:
+        print(f"key {args.key_id}: unknown", file=sys.stderr)
+        return 1
+    print(f"revoked key {info.id} ({info.name}): refused from its next request on")
+    return 0
+
+
+def cmd_keys_set_plan(args: argparse.Namespace) -> int:
+    from storage.apikeys import UnknownPlan
+
+    try:
+        info = _key_store(_settings()).set_plan(args.key_id, args.plan)
+    except UnknownPlan as exc:
+        print(f"dreamq: {exc}", file=sys.stderr)
+        return 2
+    if info is None:
+        print(f"key {args.key_id}: unknown", file=sys.stderr)
+        return 1
+    print(f"key {info.id} ({info.name}) is on plan {args.plan} from its next request on")
+    return 0
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 def _print_secrets(key_id: str, found: WebhookSecrets | None, as_json: bool) -> int:
@@ -300,8 +381,23 @@ def parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it once")
     create.add_argument("name")
+    create.add_argument(
+        "--plan", help="the key's plan, one of DREAMQ_PLANS (default: DREAMQ_DEFAULT_PLAN)"
+    )
     create.add_argument("--json", action="store_true", help="print a JSON object")
     create.set_defaults(func=cmd_keys_create)
+    listing = keys_sub.add_parser(
+        "list", help="every key: id, name, plan, created, revoked (never the key itself)"
+    )
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="refuse a key from its next request on")
+    revoke.add_argument("key_id", help="the key's public id (from keys create or keys list)")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    set_plan = keys_sub.add_parser("set-plan", help="move a key to another plan")
+    set_plan.add_argument("key_id")
+    set_plan.add_argument("plan", help="one of DREAMQ_PLANS")
+    set_plan.set_defaults(func=cmd_keys_set_plan)
     secret = keys_sub.add_parser("secret", help="show a key's webhook signing secret(s)")
     secret.add_argument("key_id", help="the key's public id (from keys create)")
     secret.add_argument("--json", action="store_true", help="print a JSON object")

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -102,9 +103,28 @@ def _flag(value: Any, info: ValidationInfo) -> bool | None:
 
 def _text(value: Any, info: ValidationInfo) -> str | None:
     value = _blank_to_none(value)
-    if value is None or isinstance(value, str):
-        return value
-    raise _fail("string", "The {attr} must be a string.", info)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail("string", "The {attr} must be a string.", info)
+    if not _is_unicode(value):
+        raise _fail("string", "The {attr} must be valid Unicode text.", info)
+    return value
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate: JSON's "\\ud800" escape decodes to one, and no
+    UTF-8 encoder (Redis, the response body) takes it, so it would fail later with a 500."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_DOCUMENTED: dict[Callable[..., Any], dict[str, Any]] = {}
+"""What a validator of ours checks, in JSON Schema words: `_document` puts it in the OpenAPI
+document, so the document and the validation cannot drift apart."""
 
 
 def _between(low: float, high: float, multiple_of: int | None = None) -> Callable[..., Any]:
@@ -119,6 +139,8 @@ def _between(low: float, high: float, multiple_of: int | None = None) -> Callabl
             raise _fail("multiple", "The {attr} must be a multiple of {m}.", info, m=multiple_of)
         return value
 
+    limits: dict[str, Any] = {"minimum": low, "maximum": high}
+    _DOCUMENTED[check] = limits | ({"multipleOf": multiple_of} if multiple_of else {})
     return check
 
 
@@ -138,8 +160,33 @@ def _key(value: Any) -> str | None:
 ApiKey = Annotated[str | None, BeforeValidator(_key)]
 
 
+def _document(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Document what the validators enforce: the ranges and choices on the value's own type (a
+    null still means "not given"), and the fields a request must carry as required and not null.
+    They stay optional in the model so that a missing one gets the vendor's message."""
+    required = [*schema.get("required", [])]
+    for name, field in model.model_fields.items():
+        prop = schema.get("properties", {}).get(field.alias or name)
+        if prop is None:
+            continue
+        funcs = [getattr(item, "func", None) for item in field.metadata]
+        given = [branch for branch in prop.get("anyOf", []) if branch.get("type") != "null"]
+        for func in funcs:
+            if func in _DOCUMENTED and len(given) == 1:
+                given[0].update(_DOCUMENTED[func])
+        if _required in funcs and len(given) == 1:
+            del prop["anyOf"]
+            prop.pop("default", None)
+            prop.update(given[0])
+            if prop.get("type") == "string":
+                prop["minLength"] = 1
+            required.append(name)
+    if required:
+        schema["required"] = required
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, json_schema_extra=_document)
 
     key: ApiKey = Field(None, description="The API key.")
 
@@ -150,7 +197,13 @@ def _random_seed(value: int | None) -> int | None:
 
 
 def _track_id(value: Any, info: ValidationInfo) -> str | int | float | None:
-    if value is None or (isinstance(value, str | int | float) and not isinstance(value, bool)):
+    # Echoed in the webhook body: NaN and infinities (JSON 1e400) would make it invalid JSON.
+    if (
+        value is None
+        or (isinstance(value, str) and _is_unicode(value))
+        or (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, float) and math.isfinite(value))
+    ):
         return value
     raise _fail("track_id", "The {attr} must be a string or a number.", info)
 
@@ -273,6 +326,7 @@ def _one_of(*choices: str) -> Callable[..., Any]:
             )
         return value.strip().lower()
 
+    _DOCUMENTED[check] = {"enum": list(choices)}
     return check
 
 
@@ -281,13 +335,19 @@ IdList = Annotated[
     str | None, BeforeValidator(_none_word), BeforeValidator(_text), AfterValidator(_id_list)
 ]
 RegistryId = Annotated[str | None, BeforeValidator(_none_word), BeforeValidator(_text)]
-Strengths = Annotated[tuple[float, ...] | None, BeforeValidator(_strengths)]
+# Documented as what it takes (a number or a comma-separated string), not as the tuple it becomes.
+Strengths = Annotated[
+    tuple[float, ...] | None,
+    BeforeValidator(_strengths),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}]}),
+]
 Upscale = Annotated[int | None, BeforeValidator(_upscale)]
 Strength = Annotated[Number, AfterValidator(_between(0, 1))]
 ImageRef = Annotated[Text, AfterValidator(_required)]
 
 MAX_LORAS = 5
 MAX_UPSCALE = 4
+_DOCUMENTED[_upscale] = {"minimum": 0, "maximum": MAX_UPSCALE}  # the factor form; 0 and 1: none
 MAX_FRAMES = 64
 SAFETY_CHECKER_TYPES = ("black", "blur", "pixelate", "sensitive_content_text")
 
@@ -325,9 +385,11 @@ class _Prompted(_Request):
     webhook: Annotated[Text, AfterValidator(_http_url)] = Field(
         None, description="URL that receives a POST when the job ends."
     )
-    track_id: Annotated[Any, AfterValidator(_track_id)] = Field(
-        None, description="Opaque string or number echoed in the webhook body."
-    )
+    track_id: Annotated[
+        Any,
+        AfterValidator(_track_id),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}]}),
+    ] = Field(None, description="Opaque string or number echoed in the webhook body.")
 
     @model_validator(mode="after")
     def _algorithm_needs_dpmsolver(self) -> Any:
@@ -559,13 +621,19 @@ class ModelListItem(_Response):
 FetchResponse = SuccessResponse | FetchProcessingResponse | FailedResponse
 
 
-def job_body(job: JobRecord, now: float) -> FetchResponse:
-    """The fetch body of a job; the webhook body is this plus track_id."""
+def _same(link: str) -> str:
+    return link
+
+
+def job_body(job: JobRecord, now: float, present: Callable[[str], str] = _same) -> FetchResponse:
+    """The fetch body of a job; the webhook body is this plus track_id. `present` turns the
+    record's canonical output links into the ones given out now (presigned for a private
+    bucket)."""
     if job.status is JobStatus.SUCCESS:
         return SuccessResponse(
             generationTime=job.generation_time or 0.0,
             id=job.id,
-            output=job.output,
+            output=[present(link) for link in job.output],
             meta=job.meta,
             webhook_status=job.webhook_status.value,
         )
@@ -575,5 +643,7 @@ def job_body(job: JobRecord, now: float) -> FetchResponse:
     return FetchProcessingResponse(id=job.id, eta=job.remaining_seconds(now))
 
 
-def webhook_body(job: JobRecord, now: float) -> dict[str, Any]:
-    return {**job_body(job, now).model_dump(), "track_id": job.track_id}
+def webhook_body(
+    job: JobRecord, now: float, present: Callable[[str], str] = _same
+) -> dict[str, Any]:
+    return {**job_body(job, now, present).model_dump(), "track_id": job.track_id}

@@ -3,6 +3,8 @@ api/errors.py maps them to responses in one place. Tracebacks never reach a clie
 
 from __future__ import annotations
 
+import math
+
 FieldErrors = dict[str, list[str]]
 
 
@@ -59,6 +61,18 @@ class PayloadTooLarge(DreamqError):
 
 class ServiceUnavailable(DreamqError):
     http_status = 503
+
+
+class RateLimited(DreamqError):
+    """A per-key limit refused the request; the client may try again after `retry_after` s."""
+
+    http_status = 429
+
+    def __init__(self, retry_after: float, detail: str = "") -> None:
+        # [compat] clients match the substring "limit exceeded" of the hosted API's text.
+        super().__init__(f"Rate limit exceeded{': ' + detail if detail else ''}")
+        self.retry_after = max(1, math.ceil(retry_after))
+        """Whole seconds, at least 1: the Retry-After header allows nothing finer."""
 
 
 class PublicJobError(Exception):

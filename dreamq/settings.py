@@ -5,14 +5,89 @@ No module reads os.environ itself.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dreamq.signing import is_secret
+
+
+class PlanLimits(BaseModel):
+    """One plan's per-key limits; a limit left out is not applied."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Sustained rate of generation and model_reload requests."
+    )
+    burst: int | None = Field(
+        None,
+        ge=1,
+        description="Requests that may arrive at once on a rested key; defaults to "
+        "requests_per_minute.",
+    )
+    max_queued: int | None = Field(
+        None, ge=1, description="Queued plus processing jobs a key may have at once."
+    )
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> PlanLimits:
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst needs requests_per_minute")
+        return self
+
+    @property
+    def effective_burst(self) -> int | None:
+        if self.requests_per_minute is None:
+            return None
+        return self.burst or self.requests_per_minute
+
+
+# [compat] modelled on the hosted service's tiers, which cap queued requests at 5, 10 and 15.
+DEFAULT_PLANS = {
+    "basic": PlanLimits(requests_per_minute=60, burst=10, max_queued=5),
+    "standard": PlanLimits(requests_per_minute=120, burst=20, max_queued=10),
+    "premium": PlanLimits(requests_per_minute=300, burst=50, max_queued=15),
+    "unlimited": PlanLimits(),
+}
+_PLAN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_plans(value: Any) -> dict[str, PlanLimits]:
+    """DREAMQ_PLANS (a JSON object, or an already parsed mapping) -> plans, with errors that name
+    the plan and the limit at fault: the CLI prints only the message, not pydantic's location."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"DREAMQ_PLANS is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict) or not value:
+        example = '{"basic": {"requests_per_minute": 60, "burst": 10, "max_queued": 5}}'
+        raise ValueError(f"DREAMQ_PLANS must be a JSON object of plan -> limits, e.g. {example}")
+    plans: dict[str, PlanLimits] = {}
+    for name, limits in value.items():
+        if not isinstance(name, str) or not _PLAN_NAME.match(name):
+            raise ValueError(
+                f"DREAMQ_PLANS: plan name {name!r} must be 1-64 letters, digits, '_', '-' or '.'"
+            )
+        if isinstance(limits, PlanLimits):
+            plans[name] = limits
+            continue
+        try:
+            plans[name] = PlanLimits.model_validate(limits)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, error['loc'])) or 'limits'}: "
+                f"{error['msg'].removeprefix('Value error, ')}"
+                for error in exc.errors()
+            )
+            raise ValueError(f"DREAMQ_PLANS: plan {name!r}: {problems}") from None
+    return plans
 
 
 class Settings(BaseSettings):
@@ -39,6 +114,19 @@ class Settings(BaseSettings):
         None,
         description="Public base URL of the bucket for output links; defaults to "
         "<endpoint>/<bucket> (path style).",
+    )
+    output_links: Literal["public", "presigned"] = Field(
+        "public",
+        description="public: output links are plain URLs of a public-read bucket. presigned: "
+        "the bucket is private and every fetch and webhook carries freshly presigned links "
+        "(S3 storage only).",
+    )
+    output_link_seconds: int = Field(
+        24 * 3600,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Lifetime of a presigned output link (at most 7 days, S3's limit); links "
+        'to temp: "yes" outputs live at most 24 h.',
     )
     public_url: str = Field(
         "http://127.0.0.1:8000",
@@ -86,6 +174,12 @@ class Settings(BaseSettings):
     input_max_bytes: int = Field(
         20 * 1024 * 1024, gt=0, description="Largest init_image/mask_image accepted, in bytes."
     )
+    max_body_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Largest request body the API reads, in bytes; a larger one gets 413 before "
+        "it is read. Default: room for two base64 input images of DREAMQ_INPUT_MAX_BYTES.",
+    )
     input_max_pixels: int = Field(
         4096 * 4096,
         gt=0,
@@ -102,6 +196,28 @@ class Settings(BaseSettings):
     )
     legacy_http_200: bool = Field(
         False, description="[compat] Answer every error body with HTTP 200, like the hosted API."
+    )
+    plans: Annotated[dict[str, PlanLimits], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_PLANS),
+        description="JSON object of plan name -> limits (requests_per_minute, burst, "
+        "max_queued); a limit left out is not applied.",
+    )
+    default_plan: str = Field(
+        "unlimited", description="The plan of a key created without --plan (and of older keys)."
+    )
+    duplicate_window_seconds: int = Field(
+        0,
+        ge=0,
+        description="[compat] Refuse a key's request identical to one it made less than this many "
+        "seconds ago (the hosted service: about 30); 0 turns it off.",
+    )
+    rate_limit_redis_url: str | None = Field(
+        None, description="Redis of the rate limiter's counters; defaults to DREAMQ_REDIS_URL."
+    )
+    rate_limit_when_down: Literal["open", "closed"] = Field(
+        "open",
+        description="When the rate limiter's Redis is down: open admits requests unthrottled "
+        "(a warning is logged), closed answers 503.",
     )
     job_ttl_seconds: int = Field(
         7 * 24 * 3600, gt=0, description="How long a finished job record stays fetchable."
@@ -173,7 +289,31 @@ class Settings(BaseSettings):
     def _check_storage_url(self) -> Settings:
         if not self.storage_url.startswith(("s3://", "file:///")):
             raise ValueError("DREAMQ_STORAGE_URL must be s3://bucket[/prefix] or file:///abs/dir")
+        if self.output_links == "presigned" and not self.storage_url.startswith("s3://"):
+            raise ValueError(
+                "DREAMQ_OUTPUT_LINKS=presigned needs S3 storage: the local directory store "
+                "serves its files publicly under /files/"
+            )
         return self
+
+    @field_validator("plans", mode="before")
+    @classmethod
+    def _check_plans(cls, value: Any) -> dict[str, PlanLimits]:
+        return parse_plans(value)
+
+    @model_validator(mode="after")
+    def _check_default_plan(self) -> Settings:
+        if self.default_plan not in self.plans:
+            raise ValueError(
+                f"DREAMQ_DEFAULT_PLAN {self.default_plan!r} is not a plan of DREAMQ_PLANS "
+                f"({', '.join(sorted(self.plans))})"
+            )
+        return self
+
+    def plan_limits(self, name: str | None) -> PlanLimits:
+        """The limits of plan `name`; the default plan's for None or a plan no longer
+        configured (a key keeps its plan name when the operator removes the plan)."""
+        return self.plans.get(name or self.default_plan) or self.plans[self.default_plan]
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:
@@ -197,6 +337,14 @@ class Settings(BaseSettings):
         """Lifetime of a job's lease: past the time limit, below the visibility timeout, so a
         redelivery after a lost worker finds it expired."""
         return math.ceil(self.job_time_limit + min(60.0, self.job_time_limit / 2))
+
+    @property
+    def body_limit(self) -> int:
+        """The request body cap: base64 grows 4/3, and init_image and mask_image may both be
+        uploads, plus room for every other field."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return 2 * math.ceil(self.input_max_bytes * 4 / 3) + 1024 * 1024
 
     @property
     def effective_broker_url(self) -> str:

@@ -1,5 +1,9 @@
 """API keys, stored hashed. The plaintext is shown once, at creation, and never stored or logged.
 
+A key names its plan (the limits of storage/limits.py; none stored means the deployment's default
+plan). Revoking a key takes effect on the next request: every request reads the key's record, and
+nothing caches it.
+
 Each key also holds the Standard Webhooks secret its jobs' webhooks are signed with. A rotation
 makes a new secret primary and keeps the old one valid (signed alongside) for a window, so a
 receiver can switch without missing a delivery.
@@ -7,9 +11,11 @@ receiver can switch without missing a delivery.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +35,8 @@ class KeyInfo:
     name: str
     created_at: float
     revoked: bool = False
+    plan: str | None = None
+    """The key's plan name; None: the deployment's default plan (DREAMQ_DEFAULT_PLAN)."""
 
 
 @dataclass(frozen=True)
@@ -61,29 +69,51 @@ def _decode(raw: dict[Any, Any]) -> KeyInfo:
         name=text["name"],
         created_at=float(text["created_at"]),
         revoked=text.get("revoked") == "1",
+        plan=text.get("plan") or None,
     )
+
+
+class UnknownPlan(ValueError):
+    def __init__(self, plan: str, plans: Collection[str]) -> None:
+        super().__init__(f"unknown plan {plan!r} (plans: {', '.join(sorted(plans))})")
 
 
 class ApiKeyStore:
     """Synchronous key management: the CLI and the dev stack."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, plans: Collection[str] | None = None) -> None:
         self._r = client
+        self._plans = plans
+        """The configured plan names: given, a key is never put on another (UnknownPlan)."""
 
-    def create(self, name: str) -> tuple[str, KeyInfo]:
+    def _check_plan(self, plan: str | None) -> None:
+        if plan is not None and self._plans is not None and plan not in self._plans:
+            raise UnknownPlan(plan, self._plans)
+
+    def create(self, name: str, *, plan: str | None = None) -> tuple[str, KeyInfo]:
+        self._check_plan(plan)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        return key, self.register(key, name)
+        return key, self.register(key, name, plan=plan)
 
-    def register(self, key: str, name: str, *, webhook_secret: str | None = None) -> KeyInfo:
-        """Store a given key (the dev stack's fixed key); idempotent for the same key. A given
-        `webhook_secret` (the dev stack's fixed one) replaces the key's secret."""
+    def register(
+        self,
+        key: str,
+        name: str,
+        *,
+        webhook_secret: str | None = None,
+        plan: str | None = None,
+    ) -> KeyInfo:
+        """Store a given key (the dev stack's fixed key); idempotent for the same key, whose
+        plan it leaves alone. A given `webhook_secret` (the dev stack's fixed one) replaces the
+        key's secret."""
+        self._check_plan(plan)
         digest = hash_key(key)
         existing = self._r.hgetall(keys.api_key(digest))
         if existing:
             if webhook_secret:
                 self._r.hset(keys.api_key(digest), "webhook_secret", webhook_secret)
             return _decode(existing)
-        info = KeyInfo(id=secrets.token_hex(8), name=name, created_at=time.time())
+        info = KeyInfo(id=secrets.token_hex(8), name=name, created_at=time.time(), plan=plan)
         pipe = self._r.pipeline()
         pipe.hset(
             keys.api_key(digest),
@@ -95,6 +125,8 @@ class ApiKeyStore:
                 "webhook_secret": webhook_secret or new_secret(),
             },
         )
+        if plan is not None:
+            pipe.hset(keys.api_key(digest), "plan", plan)
         pipe.hset(keys.API_KEY_NAMES, info.id, digest)
         pipe.execute()
         return info
@@ -103,6 +135,34 @@ class ApiKeyStore:
         raw = self._r.hgetall(keys.api_key(hash_key(key)))
         info = _decode(raw) if raw else None
         return info if info and not info.revoked else None
+
+    def _record(self, key_id: str) -> str | None:
+        """The Redis name of the record of the key with public id `key_id`."""
+        digest = self._r.hget(keys.API_KEY_NAMES, key_id)
+        return None if digest is None else keys.api_key(_text(digest))
+
+    def get(self, key_id: str) -> KeyInfo | None:
+        record = self._record(key_id)
+        raw = self._r.hgetall(record) if record else None
+        return _decode(raw) if raw else None
+
+    def revoke(self, key_id: str) -> KeyInfo | None:
+        """Refuse the key from its next request on (its record stays, for `list`); None when
+        no key has that id. Its jobs already accepted still run."""
+        record = self._record(key_id)
+        if record is None or not self._r.exists(record):
+            return None
+        self._r.hset(record, "revoked", "1")
+        return self.get(key_id)
+
+    def set_plan(self, key_id: str, plan: str) -> KeyInfo | None:
+        """Move the key to `plan` from its next request on; None when no key has that id."""
+        self._check_plan(plan)
+        record = self._record(key_id)
+        if record is None or not self._r.exists(record):
+            return None
+        self._r.hset(record, "plan", plan)
+        return self.get(key_id)
 
     def webhook_secrets(self, key_id: str) -> WebhookSecrets | None:
         """The signing secrets of a key by its public id (a job's owner); None when the key is
@@ -140,6 +200,16 @@ class ApiKeyStore:
             )  # fmt: skip
         pipe.execute()
         return self.webhook_secrets(key_id)
+
+    # Last in the class: below it, `list` in an annotation would name this method.
+    def list(self) -> builtins.list[KeyInfo]:
+        """Every key, revoked ones included, oldest first: never the key or its hash."""
+        digests = self._r.hvals(keys.API_KEY_NAMES)
+        pipe = self._r.pipeline(transaction=False)
+        for digest in digests:
+            pipe.hgetall(keys.api_key(_text(digest)))
+        found = [_decode(raw) for raw in pipe.execute() if raw]
+        return sorted(found, key=lambda info: (info.created_at, info.id))
 
 
 def _text(value: Any) -> str:

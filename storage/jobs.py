@@ -170,17 +170,26 @@ def decode(raw: dict[str, str]) -> JobRecord:
     )
 
 
-# KEYS: seq, active set. ARGV: job key prefix, then field/value pairs. Returns the new id; an id
-# whose record exists (the sequence was lost while records survived) is skipped, never overwritten.
+# KEYS: seq, active set, the owner's unfinished set. ARGV: job key prefix, cap on the owner's
+# unfinished jobs ('' for none), now, job ttl, then field/value pairs. Returns the new id, or -1
+# when the owner already has `cap` unfinished jobs: the check and the insert are one step, so the
+# cap holds across API processes. An entry older than the ttl is dropped first: a record lost
+# without its terminal transition (a Redis restart that kept only part of it) must not hold a
+# slot for ever. An id whose record exists (the sequence was lost while records survived) is
+# skipped, never overwritten.
 _CREATE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
+if ARGV[2] ~= '' and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then return -1 end
 local id = redis.call('INCR', KEYS[1])
 local key = ARGV[1] .. id
 while redis.call('EXISTS', key) == 1 do
   id = redis.call('INCR', KEYS[1])
   key = ARGV[1] .. id
 end
-redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 2))
+redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], id, id)
+redis.call('ZADD', KEYS[3], ARGV[3], id)
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 return id
 """
 
@@ -192,7 +201,9 @@ return id
 # holder); 'free' only when nobody holds it. A terminal state deletes the lease and, when the job
 # has a webhook to deliver, indexes the delivery as pending (due now) for the reconciler.
 # Returns {1, previous} when applied, {0, current} when refused, {0, ''} when the job is unknown,
-# {-1, current} when the lease refuses it, {-2, current} when the attempts are used up.
+# {-1, current} when the lease refuses it, {-2, current} when the attempts are used up. A terminal
+# state also frees the job's slot in its owner's unfinished set, whose name is built here from the
+# record's owner (the caller knows only the id).
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
@@ -216,6 +227,8 @@ if ARGV[3] == '1' then
   local id = redis.call('HGET', KEYS[1], 'id')
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], id)
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner then redis.call('ZREM', '$UNFINISHED' .. owner, id) end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   if redis.call('HGET', KEYS[1], 'webhook_status') == 'pending' then
     redis.call('ZADD', KEYS[4], ARGV[11], id)
@@ -223,7 +236,7 @@ if ARGV[3] == '1' then
   redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
 end
 return {1, cur}
-"""
+""".replace("$UNFINISHED", keys.UNFINISHED_JOBS_PREFIX)
 
 # KEYS: lease key. ARGV: owner prefix. Deletes the lease when its token starts with the prefix:
 # the worker's main process frees the lease of a pool process that died.
@@ -431,6 +444,31 @@ def _new_job_fields(job: NewJob, now: float) -> dict[str, Any]:
     }
 
 
+class UnfinishedCapReached(Exception):
+    """The owner already has `cap` queued or processing jobs; nothing was created."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"{cap} unfinished jobs")
+        self.cap = cap
+
+
+def _create_call(
+    job: NewJob, now: float, ttl: int, max_unfinished: int | None
+) -> tuple[list[str], list[Any]]:
+    keys_ = [keys.JOB_SEQ, keys.ACTIVE_JOBS, keys.unfinished_jobs(job.owner)]
+    cap = "" if max_unfinished is None else str(max_unfinished)
+    args = [keys.job(0)[:-1], cap, now, ttl, *_encode(_new_job_fields(job, now))]
+    return keys_, args
+
+
+def _created(reply: Any, max_unfinished: int | None) -> int:
+    job_id = int(reply)
+    if job_id < 0:
+        assert max_unfinished is not None
+        raise UnfinishedCapReached(max_unfinished)
+    return job_id
+
+
 def _held(token: str | None) -> Lease:
     return FREE if token is None else Lease("hold", token)
 
@@ -460,13 +498,19 @@ class JobStore:
         self._record_webhook = client.register_script(_RECORD_WEBHOOK_ATTEMPT)
         self._count_redrive = client.register_script(_COUNT_REDRIVE)
 
-    def create(self, job: NewJob) -> int:
-        args = [keys.job(0)[:-1], *_encode(_new_job_fields(job, self._clock()))]
-        return int(self._create(keys=[keys.JOB_SEQ, keys.ACTIVE_JOBS], args=args))
+    def create(self, job: NewJob, *, max_unfinished: int | None = None) -> int:
+        """Persist a queued job. With `max_unfinished`, raises UnfinishedCapReached instead when
+        its owner already has that many queued or processing jobs."""
+        keys_, args = _create_call(job, self._clock(), self._ttl, max_unfinished)
+        return _created(self._create(keys=keys_, args=args), max_unfinished)
 
     def get(self, job_id: int) -> JobRecord | None:
         raw = self._r.hgetall(keys.job(job_id))
         return decode(_decode_hash(raw)) if raw else None
+
+    def unfinished(self, owner: str) -> list[int]:
+        """Ids of the owner's queued and processing jobs (what its cap counts), oldest first."""
+        return [int(_text(i)) for i in self._r.zrange(keys.unfinished_jobs(owner), 0, -1)]
 
     def transition(
         self,
@@ -636,9 +680,10 @@ class AsyncJobStore:
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
 
-    async def create(self, job: NewJob) -> int:
-        args = [keys.job(0)[:-1], *_encode(_new_job_fields(job, self._clock()))]
-        return int(await self._create(keys=[keys.JOB_SEQ, keys.ACTIVE_JOBS], args=args))
+    async def create(self, job: NewJob, *, max_unfinished: int | None = None) -> int:
+        """As `JobStore.create`."""
+        keys_, args = _create_call(job, self._clock(), self._ttl, max_unfinished)
+        return _created(await self._create(keys=keys_, args=args), max_unfinished)
 
     async def get(self, job_id: int) -> JobRecord | None:
         raw = await self._r.hgetall(keys.job(job_id))

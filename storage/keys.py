@@ -68,3 +68,24 @@ def api_key(key_hash: str) -> str:
 
 API_KEY_NAMES = f"{PREFIX}:apikeys"
 """Hash key-id -> key hash, so keys can be listed without SCAN."""
+
+
+UNFINISHED_JOBS_PREFIX = f"{PREFIX}:owner:unfinished:"
+"""The job store's terminal script builds `unfinished_jobs(owner)` from this: its caller knows
+the job id, not the owner."""
+
+
+def unfinished_jobs(owner: str) -> str:
+    """Sorted set of the ids of a key's queued and processing jobs, scored by creation time: the
+    per-key cap on unfinished jobs, kept by the job store's create and terminal scripts."""
+    return f"{UNFINISHED_JOBS_PREFIX}{owner}"
+
+
+def rate_limit(key_id: str) -> str:
+    """A key's request-rate state (GCRA: the theoretical arrival time), expiring when idle."""
+    return f"{PREFIX}:limit:rate:{key_id}"
+
+
+def duplicate_request(key_id: str, fingerprint: str) -> str:
+    """Marks a request of this key with this body as seen, until the duplicate window ends."""
+    return f"{PREFIX}:limit:dup:{key_id}:{fingerprint}"

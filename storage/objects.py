@@ -1,6 +1,10 @@
-"""Output objects (images, videos): where workers put them and the public URL clients GET.
+"""Output objects (images, videos): where workers put them and the links clients GET.
 
-``url()`` is string work only: the API promises ``future_links`` before any object exists.
+``url()`` is string work only: the API promises ``future_links`` before any object exists. It is
+the object's canonical link, the one job records keep. ``present()`` turns a canonical link into
+the one a client is given at that moment: the same link for a public bucket, a presigned one
+with a bounded lifetime for a private bucket (R24), made afresh on every fetch and webhook, so a
+link read late is still valid for its whole lifetime.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import contextlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
@@ -17,6 +22,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -24,10 +31,19 @@ if TYPE_CHECKING:
 
 # An output is written once under a fresh key and never rewritten, so any cache may keep it.
 IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+# A private bucket's outputs are one client's: browsers may keep them, shared caches may not.
+PRIVATE_CACHE_CONTROL = "private, max-age=31536000, immutable"
+
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+"""The longest lifetime S3 (Signature Version 4) accepts for a presigned link."""
 
 # Path style because MinIO, moto and most self-hosted servers have no per-bucket DNS names.
+# Signature version 4 named explicitly: boto3 still presigns S3 links with version 2 otherwise,
+# which newer regions and servers refuse.
 S3_CLIENT_CONFIG = Config(
-    s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"}
+    s3={"addressing_style": "path"},
+    signature_version="s3v4",
+    retries={"max_attempts": 5, "mode": "standard"},
 )
 
 
@@ -35,6 +51,10 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
     def url(self, key: str) -> str: ...
+
+    def present(self, url: str) -> str:
+        """The link to give a client for a canonical `url()`; anything else unchanged."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -57,11 +77,24 @@ def _join_url(base: str, key: str) -> str:
 class S3ObjectStore:
     """Objects in one bucket of S3 or an S3-compatible server, under an optional prefix."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, client: S3Client, public_base: str):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: S3Client,
+        public_base: str,
+        presign_seconds: int | None = None,
+    ):
+        """`presign_seconds` set: the bucket is private, and clients get presigned links that
+        live that long (`temp` outputs' links at most the day their objects live)."""
+        if presign_seconds is not None and not 0 < presign_seconds <= MAX_PRESIGN_SECONDS:
+            raise ValueError(f"presigned links live 1 to {MAX_PRESIGN_SECONDS} seconds")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = client  # boto3 clients are thread-safe: one per process, never per job
         self._public_base = public_base
+        self._presign_seconds = presign_seconds
 
     def _full_key(self, key: str) -> str:
         check_key(key)
@@ -73,11 +106,27 @@ class S3ObjectStore:
             Key=self._full_key(key),
             Body=data,
             ContentType=content_type,
-            CacheControl=IMMUTABLE_CACHE_CONTROL,
+            CacheControl=(
+                IMMUTABLE_CACHE_CONTROL if self._presign_seconds is None else PRIVATE_CACHE_CONTROL
+            ),
         )
 
     def url(self, key: str) -> str:
         return _join_url(self._public_base, self._full_key(key))
+
+    def present(self, url: str) -> str:
+        base = self._public_base.rstrip("/") + "/"
+        if self._presign_seconds is None or not url.startswith(base):
+            return url  # a public bucket, or not one of ours (a base64 output)
+        full_key = unquote(url[len(base) :])
+        key = full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+        lifetime = self._presign_seconds
+        if key.startswith(TEMP_PREFIX):
+            lifetime = min(lifetime, TEMP_LIFETIME_SECONDS)
+        # Signing is local computation: no request reaches S3 here.
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": full_key}, ExpiresIn=lifetime
+        )
 
     def exists(self, key: str) -> bool:
         try:
@@ -156,6 +205,9 @@ class LocalDirObjectStore:
     def url(self, key: str) -> str:
         return _join_url(self._public_base, check_key(key))
 
+    def present(self, url: str) -> str:
+        return url
+
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
 
@@ -180,6 +232,9 @@ class MemoryObjectStore:
 
     def url(self, key: str) -> str:
         return _join_url(self._public_base, check_key(key))
+
+    def present(self, url: str) -> str:
+        return url
 
     def exists(self, key: str) -> bool:
         with self._lock:
@@ -219,4 +274,11 @@ def open_object_store(settings: Settings) -> ObjectStore:
         url.path,
         client=client,
         public_base=s3_public_base(bucket, settings.s3_endpoint_url, settings.s3_public_url),
+        presign_seconds=(
+            settings.output_link_seconds if settings.output_links == "presigned" else None
+        ),
     )
+
+
+Present = Callable[[str], str]
+"""`ObjectStore.present`: a canonical output link to the link a client is given now."""

@@ -3,10 +3,10 @@
 Everything about an input image is hostile until checked (reliability R16-R19):
 
 - An ``object_key`` input is read back from the object store, where the API put a decoded base64
-  upload. A URL input is fetched by hand, one hop at a time: every hop's URL passes
-  `dreamq.outbound.check_url` against the operator's allow-list, at most `MAX_REDIRECTS`
-  redirects are followed, one deadline covers all hops together, and the body is streamed under a
-  byte cap that does not trust Content-Length.
+  upload. A URL input is fetched by hand, one hop at a time: every hop's URL first passes
+  `dreamq.outbound.early_refusal` (scheme, literal addresses, internal names: no DNS), at most
+  `MAX_REDIRECTS` redirects are followed, one deadline covers all hops together, and the body is
+  streamed under a byte cap that does not trust Content-Length.
 - The bytes then pass the format allowlist (PNG, JPEG, WEBP, told by Pillow from the bytes, never
   from Content-Type or a file name) and the pixel cap, read from the header before any pixel is
   decoded; a Pillow decompression-bomb warning counts as a refusal too.
@@ -14,35 +14,37 @@ Everything about an input image is hostile until checked (reliability R16-R19):
 Every refusal is a `PublicJobError` whose message names the field and says what was wrong, never
 how dreamq failed; details go to the log.
 
-DNS rebinding (R17) is not closed yet: `check_url` resolves each hop's host and returns the
-addresses it validated, which `_Hop.addresses` keeps, but httpx resolves the name again when it
-connects, so a name whose answer changes between the two lookups can still reach a refused
-address. The fix is a transport that connects to ``hop.addresses`` while keeping the URL's host
-for the Host header and TLS; nothing else here needs to change for it. Until then the window is
-one DNS TTL, which the attacker controls. The lookup in `check_url` is also outside the fetch
-deadline: only the system resolver's own timeouts bound it.
+Connections go through `dreamq.guarded_http.pinned_transport`: when a hop connects, its host is
+resolved once, every address must be allowed, and the socket goes to those addresses, never to
+the name again, so a name whose answer changes between a check and the connect (DNS rebinding,
+R17) cannot reach a refused address; TLS is still verified against the URL's host. The lookup
+runs under the fetch's deadline. A refusal there reads like the early one ("The init_image URL
+is not allowed: the host resolves to a non-public address.", or "redirects to a URL that is not
+allowed" for a later hop).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import socket
-import threading
 import time
 import warnings
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image, ImageOps
 
 from dreamq.errors import PublicJobError
+from dreamq.guarded_http import Deadline, pinned_transport
 from dreamq.jobparams import ImageInput
-from dreamq.outbound import BlockedUrl, Network, Resolver, check_url, parse_cidrs
+from dreamq.outbound import (
+    BlockedUrl,
+    Network,
+    Resolver,
+    early_refusal,
+    parse_cidrs,
+    system_resolve,
+)
 from dreamq.settings import Settings
 from storage.objects import ObjectStore
 
@@ -61,79 +63,10 @@ _HEADERS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class _Hop:
-    """One request of a fetch: the URL as httpx will send it and the addresses validated for it
-    (kept for connect-time pinning, see the module docstring)."""
-
-    url: httpx.URL
-    addresses: tuple[str, ...]
-
-
-class _Deadline:
-    """One time budget for a whole fetch, every hop included.
-
-    httpx timeouts bound each operation (a connect, one read), not their sum: a server that
-    sends a byte just before each read timeout would hold the worker for ever. So reads are
-    also checked against the clock, and a timer shuts down the socket of the response being
-    read at the deadline, which wakes a read blocked in the kernel at once.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self._end = time.monotonic() + seconds
-        self._lock = threading.Lock()
-        self._socket: socket.socket | None = None
-        self.expired = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        with self._lock:
-            # Forget the socket first: the connection may go back to the pool and serve another
-            # fetch, which a late-firing timer must not cut.
-            self._socket = None
-        self._timer.cancel()
-
-    def remaining(self) -> float:
-        return self._end - time.monotonic()
-
-    def passed(self) -> bool:
-        return self.expired or self.remaining() <= 0
-
-    def trace(self, event: str, info: dict[str, Any]) -> None:
-        """httpcore's trace hook: watch the socket from the moment it connects, so the deadline
-        also cuts a server that trickles its status line and headers."""
-        if event == "connection.connect_tcp.complete":
-            self.watch_stream(info.get("return_value"))
-
-    def watch(self, response: httpx.Response) -> None:
-        # absent with mock transports
-        self.watch_stream(response.extensions.get("network_stream"))
-
-    def watch_stream(self, stream: Any) -> None:
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        with self._lock:
-            self._socket = sock if isinstance(sock, socket.socket) else None
-            if self.expired:
-                self._shutdown()
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            self._shutdown()
-
-    def _shutdown(self) -> None:
-        if self._socket is not None:
-            # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would tear down the
-            # TLS state under the reading thread's feet.
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+def _refused(field: str, *, redirected: bool) -> str:
+    if redirected:
+        return f"The {field} URL redirects to a URL that is not allowed"
+    return f"The {field} URL is not allowed"
 
 
 def _size_text(count: int) -> str:
@@ -148,9 +81,9 @@ def _size_text(count: int) -> str:
 class InputLoader:
     """Loads job input images; build one per worker process, since it holds the HTTP client.
 
-    The client never follows redirects itself (each hop is validated here) and ignores proxy
+    The client never follows redirects itself (each hop is checked here) and ignores proxy
     settings from the environment, which would connect on dreamq's behalf to addresses it never
-    validated.
+    validated. A `transport` given replaces the pinned one (tests with mock transports).
     """
 
     def __init__(
@@ -162,22 +95,20 @@ class InputLoader:
         max_pixels: int,
         timeout_seconds: float,
         transport: httpx.BaseTransport | None = None,
-        resolve: Resolver | None = None,
+        resolve: Resolver = system_resolve,
     ) -> None:
         self._objects = objects
         self._allow = list(allow)
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
         self._timeout = timeout_seconds
-        self._resolve = resolve
         self._client = httpx.Client(
-            transport=transport,
+            # Fresh connections (the transport's default): the deadline watches each socket
+            # from its connect, and input fetches are rare beside the GPU work they feed.
+            transport=transport or pinned_transport(self._allow, resolve=resolve),
             follow_redirects=False,
             trust_env=False,
             headers=_HEADERS,
-            # A fresh connection per fetch: the deadline watches each socket from its connect,
-            # and input fetches are rare beside the seconds of GPU work they feed.
-            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     @classmethod
@@ -220,7 +151,7 @@ class InputLoader:
 
     def _fetch(self, url: str, field: str) -> bytes:
         started = time.monotonic()
-        with _Deadline(self._timeout) as deadline:
+        with Deadline(self._timeout) as deadline:
             try:
                 data = self._follow(url, field, deadline)
             except httpx.HTTPError as exc:
@@ -239,17 +170,23 @@ class InputLoader:
         unit = "second" if self._timeout == 1 else "seconds"
         return PublicJobError(f"The {field} could not be fetched within {self._timeout:g} {unit}.")
 
-    def _follow(self, url: str, field: str, deadline: _Deadline) -> bytes:
+    def _follow(self, url: str, field: str, deadline: Deadline) -> bytes:
         current = url
         for hops in range(MAX_REDIRECTS + 1):
-            hop = self._check(current, field, redirected=hops > 0)
+            refused = _refused(field, redirected=hops > 0)
+            hop = self._check(current, refused)
             remaining = deadline.remaining()
             if remaining <= 0:
                 raise self._timed_out(field)
+            # The remaining time as every timeout, the connect's included: it bounds the DNS
+            # lookup the pinned transport makes.
             request = self._client.build_request(
-                "GET", hop.url, timeout=remaining, extensions={"trace": deadline.trace}
+                "GET", hop, timeout=remaining, extensions={"trace": deadline.trace}
             )
-            response = self._client.send(request, stream=True)
+            try:
+                response = self._client.send(request, stream=True)
+            except BlockedUrl as exc:  # the connect-time check: the resolved addresses
+                raise PublicJobError(f"{refused}: {exc}.") from None
             try:
                 deadline.watch(response)
                 status = response.status_code
@@ -267,12 +204,8 @@ class InputLoader:
             f"The {field} could not be fetched: more than {MAX_REDIRECTS} redirects."
         )
 
-    def _check(self, url: str, field: str, *, redirected: bool) -> _Hop:
-        refused = (
-            f"The {field} URL redirects to a URL that is not allowed"
-            if redirected
-            else f"The {field} URL is not allowed"
-        )
+    def _check(self, url: str, refused: str) -> httpx.URL:
+        """The hop's URL as httpx will send it, refused early when it can be without DNS."""
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL:
@@ -280,17 +213,12 @@ class InputLoader:
         # Validate the URL exactly as httpx will send it: the stdlib and httpx parse odd URLs
         # (backslashes, stray '@') differently, and the host checked must be the host connected.
         canonical = str(parsed)
-        try:
-            addresses = (
-                check_url(canonical, self._allow)
-                if self._resolve is None
-                else check_url(canonical, self._allow, self._resolve)
-            )
-        except BlockedUrl as exc:
-            raise PublicJobError(f"{refused}: {exc}.") from None
+        refusal = early_refusal(canonical, self._allow)
+        if refusal is not None:
+            raise PublicJobError(f"{refused}: {refusal}.")
         if urlsplit(canonical).hostname != parsed.raw_host.decode("ascii").lower():
             raise PublicJobError(f"{refused}: the URL is not valid.")
-        return _Hop(url=parsed, addresses=tuple(addresses))
+        return parsed
 
     def _location(self, response: httpx.Response, field: str) -> str:
         location = response.headers.get("location")
@@ -307,7 +235,7 @@ class InputLoader:
                 f"The {field} could not be fetched: the server redirected to an invalid URL."
             ) from None
 
-    def _read_body(self, response: httpx.Response, field: str, deadline: _Deadline) -> bytes:
+    def _read_body(self, response: httpx.Response, field: str, deadline: Deadline) -> bytes:
         too_large = PublicJobError(f"The {field} is larger than {_size_text(self._max_bytes)}.")
         declared = response.headers.get("content-length", "")
         # An honest length refuses a big file at once; a false or missing one is caught by the

@@ -30,7 +30,15 @@ import httpx
 import redis
 
 from dreamq.contract import webhook_body
-from dreamq.outbound import BlockedUrl, Network, check_url, parse_cidrs
+from dreamq.guarded_http import Deadline, pinned_transport
+from dreamq.outbound import (
+    BlockedUrl,
+    Network,
+    Resolver,
+    early_refusal,
+    parse_cidrs,
+    system_resolve,
+)
 from dreamq.settings import Settings
 from dreamq.signing import signature_header
 from storage.jobs import JobRecord, JobStore, WebhookStatus
@@ -47,15 +55,18 @@ RabbitMQ's default consumer timeout (30 min), which would otherwise redeliver a 
 
 EARLY_TOLERANCE_SECONDS = 0.05
 LEASE_MARGIN_SECONDS = 10.0
-"""Time an attempt spends outside its POST: resolving and checking the host, signing, recording."""
+"""Time an attempt spends outside its POST: signing, recording."""
+
+MAX_ANSWER_BYTES = 64 * 1024
+"""The most of a receiver's answer a sender reads: only its status and Retry-After matter."""
 
 
 def attempt_lease_seconds(timeout_seconds: float) -> float:
     """How long a claimed attempt is left to its dispatcher before another may make it (the first
-    one died mid-attempt). httpx applies the webhook timeout to each step of the POST, so a
-    webhook's small request and answer take at most three timeouts: connecting, sending the
-    body and waiting for the answer. Only a receiver that dribbles its answer in pieces can hold
-    an attempt longer; the worst that follows is a second POST with the same webhook-id."""
+    one died mid-attempt). One deadline, the webhook timeout, bounds an attempt's POST from the
+    DNS lookup to the answer (`HttpWebhookSender`); the lease allows three, so a dispatcher
+    slowed down (a starved CPU, a long pause) is not overtaken while it still works. Should one
+    be, the worst that follows is a second POST with the same webhook-id."""
     return 3 * timeout_seconds + LEASE_MARGIN_SECONDS
 
 
@@ -74,21 +85,78 @@ class Response:
 
 class WebhookSender(Protocol):
     def send(self, delivery: Delivery) -> Response:
-        """POST the delivery. Raises httpx.HTTPError on transport errors and timeouts."""
+        """POST the delivery. Raises BlockedUrl when the host resolves to an address the
+        outbound guard refuses, httpx.HTTPError on transport errors and timeouts."""
         ...
 
 
 class HttpWebhookSender:
-    """One HTTP client per dispatcher process; redirects are never followed."""
+    """One HTTP client per dispatcher process (reliability R14, R16-R18).
 
-    def __init__(self, timeout_seconds: float) -> None:
+    Connections go only to addresses the outbound guard allowed, looked up once at connect
+    (`dreamq.guarded_http.pinned_transport`: no DNS rebinding window). Redirects are never
+    followed. One deadline, the webhook timeout, covers the whole attempt from the lookup to the
+    status line and headers, so a receiver that dribbles its answer is cut; the answer's body
+    is read up to `MAX_ANSWER_BYTES` at most.
+    """
+
+    def __init__(
+        self,
+        timeout_seconds: float,
+        allow: Iterable[Network] = (),
+        *,
+        resolve: Resolver = system_resolve,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._timeout = timeout_seconds
         self._client = httpx.Client(
-            follow_redirects=False, timeout=timeout_seconds, headers={"user-agent": "dreamq"}
+            transport=transport or pinned_transport(allow, resolve=resolve),
+            follow_redirects=False,
+            trust_env=False,  # an environment proxy would connect to addresses never checked
+            headers={"user-agent": "dreamq"},
         )
 
+    def close(self) -> None:
+        self._client.close()
+
     def send(self, delivery: Delivery) -> Response:
-        response = self._client.post(delivery.url, content=delivery.body, headers=delivery.headers)
-        return Response(response.status_code, response.headers.get("retry-after"))
+        with Deadline(self._timeout) as deadline:
+            request = self._client.build_request(
+                "POST",
+                delivery.url,
+                content=delivery.body,
+                headers=delivery.headers,
+                # Every timeout, the connect's included, which bounds the DNS lookup.
+                timeout=deadline.remaining(),
+                extensions={"trace": deadline.trace},
+            )
+            try:
+                response = self._client.send(request, stream=True)
+                try:
+                    deadline.watch(response)
+                    answer = Response(response.status_code, response.headers.get("retry-after"))
+                    _drain(response, deadline)
+                finally:
+                    response.close()
+            except httpx.TransportError as exc:
+                # The deadline's timer cut the socket: whatever httpx saw, it was the timeout.
+                if deadline.passed() and not isinstance(exc, httpx.TimeoutException):
+                    raise httpx.ReadTimeout("the webhook timeout passed", request=request) from exc
+                raise
+        return answer
+
+
+def _drain(response: httpx.Response, deadline: Deadline) -> None:
+    """Read a small answer to its end, so the connection closes cleanly (closing a socket with
+    unread data sends the receiver a reset); a large or slow answer is left unread."""
+    received = 0
+    try:
+        for chunk in response.iter_raw():
+            received += len(chunk)
+            if received > MAX_ANSWER_BYTES or deadline.passed():
+                return
+    except httpx.HTTPError:
+        pass  # the status is known; the rest of the answer does not matter
 
 
 def delivery_id(job_id: int, event: str) -> str:
@@ -160,10 +228,14 @@ class WebhookDispatcher:
         schedule: Schedule | None = None,
         allow: Iterable[Network] = (),
         lease_seconds: float = 70.0,
+        present: Callable[[str], str] = str,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`present`: `ObjectStore.present`, so a private bucket's links are presigned at each
+        attempt and a late retry still carries links valid for their whole lifetime."""
         self._jobs = jobs
+        self._present = present
         self._sender = sender
         self._policy = policy
         self._secrets = secrets
@@ -248,7 +320,7 @@ class WebhookDispatcher:
     def _attempt(self, job: JobRecord, attempt: int, *, retries: bool) -> Outcome:
         now = self._clock()
         message_id = delivery_id(job.id, job.status.value)
-        body = json.dumps(webhook_body(job, now), separators=(",", ":")).encode()
+        body = json.dumps(webhook_body(job, now, self._present), separators=(",", ":")).encode()
         timestamp = int(now)
         headers = {
             "content-type": "application/json",
@@ -294,11 +366,17 @@ class WebhookDispatcher:
 
     def _send(self, job_id: int, delivery: Delivery) -> tuple[int | None, str | None, float | None]:
         """(status code, error, Retry-After seconds) of one POST."""
+        # Refused on its face without a DNS lookup; the sender checks what the name resolves to
+        # when it connects.
+        refusal = early_refusal(delivery.url, self._allow)
+        if refusal is not None:
+            return None, f"refused: {refusal}", None
         try:
-            check_url(delivery.url, self._allow)
             response = self._sender.send(delivery)
         except BlockedUrl as exc:
             return None, f"refused: {exc}", None
+        except httpx.InvalidURL:  # not an HTTPError: raised while building the request
+            return None, "refused: the URL is not valid", None
         except httpx.TimeoutException:
             return None, "timeout", None
         except httpx.HTTPError as exc:
@@ -330,8 +408,10 @@ def dispatcher_from_settings(
     schedule, claim lease and outbound allowlist. Without `schedule` it makes single attempts
     (an operator's replay)."""
     from storage.apikeys import ApiKeyStore
+    from storage.objects import open_object_store
 
     api_keys = ApiKeyStore(client)
+    allow = parse_cidrs(settings.outbound_allow_cidrs)
 
     def signing_secrets(owner: str, now: float) -> list[str]:
         found = api_keys.webhook_secrets(owner)
@@ -339,10 +419,14 @@ def dispatcher_from_settings(
 
     return WebhookDispatcher(
         jobs=jobs,
-        sender=HttpWebhookSender(settings.webhook_timeout_seconds),
+        sender=HttpWebhookSender(settings.webhook_timeout_seconds, allow),
         policy=RetryPolicy(settings.webhook_retry_delays),
         secrets=signing_secrets,
         schedule=schedule,
-        allow=parse_cidrs(settings.outbound_allow_cidrs),
+        allow=allow,
         lease_seconds=attempt_lease_seconds(settings.webhook_timeout_seconds),
+        # Only a private bucket changes links; a public one needs no store in this process.
+        present=(
+            open_object_store(settings).present if settings.output_links == "presigned" else str
+        ),
     )

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import uuid
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import httpx
 import pytest
 from botocore.exceptions import ClientError
+from pydantic import ValidationError
 
 from dreamq.settings import Settings
-from storage.objects import IMMUTABLE_CACHE_CONTROL, S3ObjectStore, open_object_store
-from tests.support.s3 import MotoS3, moto_s3_server
+from storage.objects import (
+    IMMUTABLE_CACHE_CONTROL,
+    PRIVATE_CACHE_CONTROL,
+    S3ObjectStore,
+    open_object_store,
+)
+from tests.support.s3 import SECRET_ACCESS_KEY, MotoS3, moto_s3_server
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +116,92 @@ def test_factory_uses_the_boto3_credential_chain(
     store.put("0.png", PNG, "image/png")
     assert store.url("0.png") == f"{moto.endpoint_url}/{bucket}/out/0.png"
     assert httpx.get(store.url("0.png")).content == PNG
+
+
+# --- R24: a private bucket's links are presigned, with a bounded lifetime ----------------------
+
+
+def private_store(moto: MotoS3, *, presign_seconds: int, prefix: str = "out") -> S3ObjectStore:
+    name = f"private-{uuid.uuid4().hex[:12]}"
+    moto.create_bucket(name, public_read=False)
+    return S3ObjectStore(
+        name,
+        prefix,
+        client=moto.client(),
+        public_base=f"{moto.endpoint_url}/{name}",
+        presign_seconds=presign_seconds,
+    )
+
+
+def query(url: str) -> dict[str, str]:
+    return dict(httpx.URL(url).params.multi_items())
+
+
+def sigv4_valid(url: str, secret: str = SECRET_ACCESS_KEY) -> bool:
+    """Verify a presigned GET link the way S3 does (Signature Version 4, query form)."""
+    parsed = httpx.URL(url)
+    params = query(url)
+    signature = params.pop("X-Amz-Signature")
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items())
+    )
+    canonical_request = "\n".join(
+        ["GET", parsed.raw_path.split(b"?")[0].decode(), canonical_query,
+         f"host:{parsed.netloc.decode()}", "", "host", "UNSIGNED-PAYLOAD"]
+    )  # fmt: skip
+    scope = params["X-Amz-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", params["X-Amz-Date"], scope,
+         hashlib.sha256(canonical_request.encode()).hexdigest()]
+    )  # fmt: skip
+    key = f"AWS4{secret}".encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature)
+
+
+def test_private_bucket_links_are_presigned_and_answer_the_bytes(moto: MotoS3) -> None:
+    store = private_store(moto, presign_seconds=3600)
+    key = "generations/abc-0.png"
+    canonical = store.url(key)  # what the job record keeps
+    store.put(key, PNG, "image/png")
+    assert httpx.get(canonical).status_code == 403  # the bucket really is private
+
+    link = store.present(canonical)
+    assert link.startswith(canonical + "?")
+    assert query(link)["X-Amz-Expires"] == "3600"
+    response = httpx.get(link)
+    assert response.status_code == 200
+    assert response.content == PNG
+    assert response.headers["cache-control"] == PRIVATE_CACHE_CONTROL
+
+    # moto accepts any signature and any date, so the signature is checked here: it covers this
+    # object's path, and the same query string does not open another object.
+    assert sigv4_valid(link)
+    assert not sigv4_valid(store.url("generations/abc-1.png") + link[len(canonical) :])
+
+
+def test_temp_links_live_at_most_a_day(moto: MotoS3) -> None:
+    store = private_store(moto, presign_seconds=7 * 24 * 3600)
+    temp = store.present(store.url("temp/generations/abc-0.png"))
+    kept = store.present(store.url("generations/abc-0.png"))
+    assert query(temp)["X-Amz-Expires"] == str(24 * 3600)
+    assert query(kept)["X-Amz-Expires"] == str(7 * 24 * 3600)
+
+
+def test_present_leaves_other_strings_alone(moto: MotoS3, bucket: str) -> None:
+    private = private_store(moto, presign_seconds=60)
+    assert private.present("iVBORw0KGgo=") == "iVBORw0KGgo="  # a base64 output
+    assert private.present("https://elsewhere.example/x.png") == "https://elsewhere.example/x.png"
+    public = make_store(moto, bucket)
+    assert public.present(public.url("0.png")) == public.url("0.png")
+
+
+def test_presign_lifetime_is_bounded(moto: MotoS3) -> None:
+    with pytest.raises(ValueError, match="1 to 604800 seconds"):
+        private_store(moto, presign_seconds=7 * 24 * 3600 + 1)
+    with pytest.raises(ValidationError):
+        Settings(storage_url="s3://b", output_links="presigned", output_link_seconds=10**6)
+    with pytest.raises(ValidationError, match="needs S3 storage"):
+        Settings(storage_url="file:///tmp/x", output_links="presigned")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
 import pytest
+import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from api.app import Overrides, create_app
@@ -29,6 +30,7 @@ from storage import keys
 from storage.apikeys import ApiKeyStore
 from storage.jobs import JobStatus, JobStore
 from storage.objects import MemoryObjectStore
+from tests.support.processes import free_port
 
 
 @dataclass
@@ -60,7 +62,13 @@ REGISTRY = Registry(
 
 
 @contextmanager
-def build(registry: Registry | None = None, **settings: Any) -> Iterator[Api]:
+def build(
+    registry: Registry | None = None,
+    *,
+    limiter_clock: Callable[[], float] | None = None,
+    limiter_client: aioredis.Redis | None = None,
+    **settings: Any,
+) -> Iterator[Api]:
     objects = MemoryObjectStore("https://cdn.example.com")
     server = fakeredis.FakeServer()
     sync = fakeredis.FakeRedis(server=server)
@@ -72,6 +80,8 @@ def build(registry: Registry | None = None, **settings: Any) -> Iterator[Api]:
             registry=registry or REGISTRY,
             objects=objects,
             publisher=publisher,
+            limiter_client=limiter_client,
+            limiter_clock=limiter_clock,
         ),
     )
     store = ApiKeyStore(sync)
@@ -188,9 +198,9 @@ def test_unknown_registry_ids_are_refused_naming_each_field(api: Api) -> None:
     response = txt2img(api, lora_model="a,nope", embeddings_model="nope", vae="nope")
     assert response.status_code == 400
     assert response.json()["message"] == {
-        "lora_model": ["The LoRA nope is not available."],
-        "embeddings_model": ["The embedding nope is not available."],
-        "vae": ["The VAE nope is not available."],
+        "lora_model": ["The LoRA number 2 of 2 is not available."],
+        "embeddings_model": ["The embedding is not available."],
+        "vae": ["The VAE is not available."],
     }
     assert api.publisher.jobs == []
 
@@ -199,7 +209,7 @@ def test_unknown_registry_ids_are_named_beside_other_field_errors(api: Api) -> N
     fields = {"width": "wide", "lora_model": "a, nope,none", "vae": "none"}
     assert txt2img(api, **fields).json()["message"] == {
         "width": ["The width must be a number."],
-        "lora_model": ["The LoRA nope is not available."],
+        "lora_model": ["The LoRA number 2 of 3 is not available."],
     }
     # Not for an unknown key: the registry is not a stranger's business.
     anonymous = api.client.post("/api/v4/dreambooth", json={"key": "dq_x", "prompt": "p", **fields})
@@ -405,6 +415,31 @@ def test_bad_json_body(api: Api) -> None:
     assert response.json()["message"] == {"body": ["The request body is not valid JSON."]}
 
 
+@pytest.mark.parametrize(
+    ("field", "escaped"),
+    [
+        ("prompt", '"a \\ud800 fox"'),
+        ("webhook", '"http://\\ud800.example.com/"'),
+        ("lora_model", '"\\udfff"'),
+        ("track_id", "1e400"),
+        ("track_id", "NaN"),
+    ],
+)
+def test_json_escapes_that_no_encoder_takes_are_refused_not_a_500(
+    api: Api, field: str, escaped: str
+) -> None:
+    # Found fuzzing the API (R25): each of these answered 500 (a lone surrogate failed in
+    # Redis' encoder or the response's UTF-8 body) or was accepted and stored as a track_id
+    # the webhook body would carry as Infinity/NaN, which is not JSON.
+    body = f'{{"key": "{api.key}", "model_id": "demo", "prompt": "x", "{field}": {escaped}}}'
+    response = api.client.post(
+        "/api/v4/dreambooth", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert list(response.json()["message"]) == [field]
+    assert api.publisher.jobs == []
+
+
 def test_fetch_processing_then_success(api: Api) -> None:
     job_id = txt2img(api).json()["id"]
     for path in (f"/api/v4/dreambooth/fetch/{job_id}", f"/api/v3/dreambooth/fetch/{job_id}"):
@@ -458,3 +493,244 @@ def test_openapi_documents_the_contract(api: Api) -> None:
 def test_health_and_ready(api: Api) -> None:
     assert api.client.get("/health").json() == {"status": "ok"}
     assert api.client.get("/ready").status_code == 200
+
+
+# ---------------------------------------------------------------- limits and keys
+
+PLANS = {
+    "tight": {"requests_per_minute": 60, "burst": 2},
+    "capped": {"max_queued": 2},
+    "unlimited": {},
+}
+
+
+class Clock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key_id(api: Api, key: str) -> str:
+    info = ApiKeyStore(api.raw).lookup(key)
+    assert info is not None
+    return info.id
+
+
+def dead_redis() -> aioredis.Redis:
+    return aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after_until_the_clock_moves() -> None:
+    clock = Clock()
+    with build(plans=PLANS, default_plan="tight", limiter_clock=clock) as api:
+        assert [txt2img(api, seed=i).status_code for i in range(2)] == [200, 200]
+        refused = txt2img(api, seed=3)
+        # Another key has its own allowance.
+        other = api.client.post(
+            "/api/v4/dreambooth", json={"key": api.other_key, "model_id": "demo", "prompt": "x"}
+        )
+        clock.now += 1.0
+        again = txt2img(api, seed=4)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    # [compat] the hosted API's body and text; clients match "limit exceeded".
+    assert refused.json() == {
+        "status": "error",
+        "message": "Rate limit exceeded",
+        "messege": "Rate limit exceeded",
+    }
+    assert other.status_code == 200
+    assert again.status_code == 200
+    assert len(api.publisher.jobs) == 4
+
+
+def test_model_reload_counts_and_fetch_and_model_list_do_not() -> None:
+    with build(plans=PLANS, default_plan="tight", limiter_clock=Clock()) as api:
+        job_id = txt2img(api).json()["id"]
+        reload = {"key": api.key, "model_id": "demo"}
+        first = api.client.post("/api/v4/dreambooth/model_reload", json=reload)
+        second = api.client.post("/api/v4/dreambooth/model_reload", json=reload)
+        reads = [
+            api.client.post(f"/api/v4/dreambooth/fetch/{job_id}", json={"key": api.key})
+            for _ in range(5)
+        ] + [
+            api.client.post("/api/v4/dreambooth/model_list", json={"key": api.key})
+            for _ in range(5)
+        ]
+    assert first.status_code == 200
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert {response.status_code for response in reads} == {200}
+
+
+def test_a_request_is_counted_before_its_fields_are_checked() -> None:
+    with build(plans=PLANS, default_plan="tight", limiter_clock=Clock()) as api:
+        unknown = [txt2img(api, model_id="nope").status_code for _ in range(2)]
+        valid = txt2img(api)
+    assert unknown == [400, 400]
+    assert valid.status_code == 429
+    assert api.publisher.jobs == []
+
+
+def test_legacy_mode_answers_200_and_still_sends_retry_after() -> None:
+    with build(
+        plans=PLANS, default_plan="tight", limiter_clock=Clock(), legacy_http_200=True
+    ) as api:
+        answers = [txt2img(api, seed=i) for i in range(3)]
+    refused = answers[2]
+    assert refused.status_code == 200
+    assert refused.json()["status"] == "error"
+    assert "limit exceeded" in refused.json()["message"]
+    assert refused.headers["retry-after"] == "1"
+    assert "retry-after" not in answers[0].headers
+
+
+def test_the_queued_cap_holds_and_an_ended_job_frees_its_slot() -> None:
+    with build(plans=PLANS) as api:
+        ApiKeyStore(api.raw, plans=PLANS).set_plan(key_id(api, api.key), "capped")
+        first, second = (txt2img(api, seed=i).json()["id"] for i in range(2))
+        refused = txt2img(api, seed=3)
+        other = api.client.post(
+            "/api/v4/dreambooth", json={"key": api.other_key, "model_id": "demo", "prompt": "x"}
+        )
+        api.jobs.fail(first, "cancelled")
+        after_fail = txt2img(api, seed=4)
+        api.jobs.claim(second)
+        assert api.jobs.succeed(second, output=["u"], generation_time=1.0)
+        after_success = txt2img(api, seed=5)
+        full_again = txt2img(api, seed=6)
+    assert refused.status_code == 429
+    message = refused.json()["message"]
+    assert message == "Rate limit exceeded: 2 requests already queued or running for this key."
+    assert int(refused.headers["retry-after"]) >= 1
+    assert other.status_code == 200  # the other key is on the default (unlimited) plan
+    assert after_fail.status_code == 200
+    assert after_success.status_code == 200
+    assert full_again.status_code == 429
+    assert len(api.publisher.jobs) == 5
+
+
+def test_the_duplicate_filter_refuses_an_identical_request_within_the_window() -> None:
+    clock = Clock()
+    with build(duplicate_window_seconds=30, limiter_clock=clock) as api:
+        first = txt2img(api, seed=1)
+        clock.now += 0.5
+        duplicate = txt2img(api, seed=1)
+        different = txt2img(api, seed=2)
+        other_endpoint = api.client.post(
+            "/api/v4/dreambooth/text2video",
+            json={"key": api.key, "model_id": "clip", "prompt": "a fox", "seed": 1},
+        )
+        other_key = api.client.post(
+            "/api/v4/dreambooth",
+            json={"key": api.other_key, "model_id": "demo", "prompt": "a fox", "seed": 1},
+        )
+        clock.now += 29.5
+        after_window = txt2img(api, seed=1)
+    assert first.status_code == 200
+    assert duplicate.status_code == 429
+    assert duplicate.headers["retry-after"] == "30"
+    assert "limit exceeded" in duplicate.json()["message"]
+    assert "identical request" in duplicate.json()["message"]
+    assert [r.status_code for r in (different, other_endpoint, other_key, after_window)] == [
+        200,
+        200,
+        200,
+        200,
+    ]
+
+
+def test_the_duplicate_filter_is_off_by_default(api: Api) -> None:
+    assert [txt2img(api, seed=1).status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_a_request_refused_by_the_cap_is_not_remembered_as_a_duplicate() -> None:
+    with build(plans=PLANS, duplicate_window_seconds=30, limiter_clock=Clock()) as api:
+        ApiKeyStore(api.raw, plans=PLANS).set_plan(key_id(api, api.key), "capped")
+        first = txt2img(api, seed=1).json()["id"]
+        txt2img(api, seed=2)
+        refused = txt2img(api, seed=3)
+        api.jobs.fail(first, "cancelled")
+        retried = txt2img(api, seed=3)
+    assert refused.status_code == 429 and "queued" in refused.json()["message"]
+    assert retried.status_code == 200
+
+
+def test_a_request_whose_publish_failed_is_not_remembered_as_a_duplicate() -> None:
+    with build(duplicate_window_seconds=30, limiter_clock=Clock()) as api:
+        api.publisher.fail_with = ConnectionError("broker down")
+        failed = txt2img(api, seed=1)
+        api.publisher.fail_with = None
+        retried = txt2img(api, seed=1)
+    assert failed.status_code == 503
+    assert retried.status_code == 200
+
+
+def test_revoked_unknown_and_malformed_keys_get_byte_identical_answers() -> None:
+    with build() as api:
+        job_id = txt2img(api).json()["id"]
+        assert ApiKeyStore(api.raw).revoke(key_id(api, api.key)) is not None
+        unknown = "dq_" + "x" * 43
+        answers = {}
+        for name, key in [
+            ("revoked", api.key),
+            ("unknown", unknown),
+            ("malformed", "not-a-key"),
+            ("missing", None),
+        ]:
+            answers[name] = [
+                api.client.post(
+                    "/api/v4/dreambooth", json={"key": key, "model_id": "demo", "prompt": "x"}
+                ),
+                api.client.post(f"/api/v4/dreambooth/fetch/{job_id}", json={"key": key}),
+                api.client.post("/api/v4/dreambooth/model_list", json={"key": key}),
+                api.client.post(
+                    "/api/v4/dreambooth/model_reload", json={"key": key, "model_id": "demo"}
+                ),
+            ]
+        still = api.client.post(
+            "/api/v4/dreambooth", json={"key": api.other_key, "model_id": "demo", "prompt": "x"}
+        )
+
+    def shape(response: Any) -> tuple[int, bytes, str]:
+        return response.status_code, response.content, response.headers["content-type"]
+
+    expected = [shape(response) for response in answers["unknown"]]
+    assert expected[0][0] == 401
+    assert json.loads(expected[0][1])["message"] == "Invalid Api Key"
+    for name in ("revoked", "malformed", "missing"):
+        assert [shape(response) for response in answers[name]] == expected, name
+    assert still.status_code == 200
+    assert api.publisher.jobs == [job_id, still.json()["id"]]
+
+
+def test_limiter_redis_down_open_admits_unthrottled_and_the_cap_still_holds() -> None:
+    plans = {"tight": {"requests_per_minute": 60, "burst": 2, "max_queued": 4}, "unlimited": {}}
+    with build(plans=plans, default_plan="tight", limiter_client=dead_redis()) as api:
+        answers = [txt2img(api, seed=i) for i in range(5)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 200, 429]
+    assert "4 requests already queued" in answers[4].json()["message"]
+
+
+def test_limiter_redis_down_closed_answers_503_and_reads_still_work() -> None:
+    with build(
+        plans=PLANS,
+        default_plan="tight",
+        rate_limit_when_down="closed",
+        limiter_client=dead_redis(),
+    ) as api:
+        refused = txt2img(api)
+        listed = api.client.post("/api/v4/dreambooth/model_list", json={"key": api.key})
+    assert refused.status_code == 503
+    assert refused.json()["message"] == "The rate limiter is unavailable, try again later."
+    assert api.publisher.jobs == []
+    assert api.raw.get(keys.JOB_SEQ) is None
+    assert listed.status_code == 200
+
+
+def test_a_key_on_a_plan_no_longer_configured_gets_the_default_plan() -> None:
+    with build(plans=PLANS, default_plan="tight", limiter_clock=Clock()) as api:
+        ApiKeyStore(api.raw).set_plan(key_id(api, api.key), "retired")
+        codes = [txt2img(api, seed=i).status_code for i in range(3)]
+    assert codes == [200, 200, 429]

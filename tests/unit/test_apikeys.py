@@ -15,6 +15,7 @@ from storage.apikeys import (
     ApiKeyStore,
     AsyncApiKeyStore,
     KeyInfo,
+    UnknownPlan,
     hash_key,
 )
 
@@ -153,3 +154,77 @@ def test_a_key_gets_a_webhook_secret_and_a_given_one_replaces_it(store: ApiKeySt
     again = new_secret()
     store.register("dq_dev-key", "dev", webhook_secret=again)  # a restarted dev stack
     assert store.webhook_secrets(dev.id).primary == again  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- plans, revocation, listing
+
+PLANS = ("basic", "unlimited")
+
+
+def test_a_key_keeps_its_plan_and_lookup_returns_it(
+    client: redis.Redis, server: fakeredis.FakeServer
+) -> None:
+    store = ApiKeyStore(client, plans=PLANS)
+    key, info = store.create("customer", plan="basic")
+    default_key, default_info = store.create("operator")
+    assert info.plan == "basic"
+    assert default_info.plan is None  # the deployment's default plan applies
+    assert store.lookup(key) == info
+    assert async_lookup(server, key) == info
+    found = async_lookup(server, default_key)
+    assert found is not None and found.plan is None
+
+
+def test_an_unknown_plan_is_refused_and_nothing_is_stored(client: redis.Redis) -> None:
+    store = ApiKeyStore(client, plans=PLANS)
+    with pytest.raises(UnknownPlan, match="unknown plan 'gold' \\(plans: basic, unlimited\\)"):
+        store.create("customer", plan="gold")
+    assert client.keys() == []
+    _, info = store.create("customer", plan="basic")
+    with pytest.raises(UnknownPlan):
+        store.set_plan(info.id, "gold")
+    assert store.get(info.id) == info
+
+
+def test_set_plan_applies_to_the_next_lookup(
+    client: redis.Redis, server: fakeredis.FakeServer
+) -> None:
+    store = ApiKeyStore(client, plans=PLANS)
+    key, info = store.create("customer")
+    changed = store.set_plan(info.id, "basic")
+    assert changed is not None and changed.plan == "basic"
+    found = async_lookup(server, key)
+    assert found is not None and found.plan == "basic"
+    assert store.set_plan("no-such-id", "basic") is None
+
+
+def test_a_revoked_key_is_refused_from_the_next_lookup(
+    store: ApiKeyStore, server: fakeredis.FakeServer
+) -> None:
+    key, info = store.create("alice")
+    other, _ = store.create("bob")
+    assert async_lookup(server, key) == info
+    revoked = store.revoke(info.id)
+    assert revoked is not None and revoked.revoked
+    assert store.lookup(key) is None
+    assert async_lookup(server, key) is None
+    assert async_lookup(server, other) is not None  # only that key
+    assert store.revoke(info.id) is not None  # idempotent
+    assert store.revoke("no-such-id") is None
+
+
+def test_list_shows_every_key_oldest_first_and_never_the_key_or_its_hash(
+    client: redis.Redis,
+) -> None:
+    store = ApiKeyStore(client, plans=PLANS)
+    created = [store.create(name, plan=plan) for name, plan in [("a", "basic"), ("b", None)]]
+    store.revoke(created[0][1].id)
+    listed = store.list()
+    shown_fields = [(i.name, i.plan, i.revoked) for i in listed]
+    assert shown_fields == [("a", "basic", True), ("b", None, False)]
+    assert [i.id for i in listed] == [info.id for _, info in created]
+    shown = repr(listed)
+    for key, _ in created:
+        assert key not in shown and key.removeprefix(KEY_PREFIX) not in shown
+        assert hash_key(key) not in shown
+    assert ApiKeyStore(fakeredis.FakeRedis()).list() == []

@@ -7,6 +7,7 @@ FastAPI reports a body model, then mapped by `api.errors.field_errors`.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -132,6 +133,28 @@ def test_track_id_must_be_a_string_or_a_number() -> None:
         "track_id": ["The track id must be a string or a number."]
     }
     assert parse(track_id=7).track_id == 7
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, "order \ud800"])
+def test_track_id_that_would_break_the_webhook_body_is_refused(value: Any) -> None:
+    # Found fuzzing the API (R25): JSON 1e400 and NaN parse to floats that json.dumps writes
+    # as Infinity/NaN (not JSON), a "\ud800" escape to a lone surrogate.
+    assert field_error(track_id=value) == {
+        "track_id": ["The track id must be a string or a number."]
+    }
+
+
+@pytest.mark.parametrize(
+    "field", ["prompt", "negative_prompt", "model_id", "webhook", "lora_model", "vae", "scheduler"]
+)
+def test_text_with_a_lone_surrogate_is_refused_naming_the_field(field: str) -> None:
+    # Found fuzzing the API (R25): "\ud800" in a JSON string decodes to a lone surrogate,
+    # which Redis' encoder and the response's UTF-8 body refuse later (a 500).
+    name = field.replace("_", " ")
+    assert field_error(**{field: "a \ud800 fox"}) == {
+        field: [f"The {name} must be valid Unicode text."]
+    }
+    assert parse(prompt="a fox \U0001f98a").prompt == "a fox \U0001f98a"  # a real pair is fine
 
 
 def test_guidance_scale_range_applies_to_fractions() -> None:

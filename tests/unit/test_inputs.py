@@ -1,4 +1,5 @@
-"""Input images: fetched from a real HTTP server on loopback, refused for every hostile shape."""
+"""Input images: fetched from a real HTTP server on loopback, refused for every hostile shape
+(reliability R16-R19; connect-time pinning through injected resolvers)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from PIL import Image, features
 
 from dreamq.errors import PublicJobError
 from dreamq.jobparams import ImageInput
-from dreamq.outbound import Network
+from dreamq.outbound import Network, Resolver, system_resolve
 from dreamq.settings import Settings
 from storage.objects import MemoryObjectStore, ObjectStore
+from tests.support.ssrf import R16_ADDRESSES, Answers, refuse_connections
+from tests.support.tcp import listener
 from workers.inputs import InputLoader
 
 LOOPBACK: list[Network] = [ipaddress.ip_network("127.0.0.0/8")]
@@ -159,6 +162,22 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def fits_file() -> bytes:
+    """A 4x4 FITS image: 80-character header cards in a 2880-byte block, then the pixels."""
+    cards = ["SIMPLE  =                    T", "BITPIX  =                    8",
+             "NAXIS   =                    2", "NAXIS1  =                    4",
+             "NAXIS2  =                    4", "END"]  # fmt: skip
+    header = "".join(card.ljust(80) for card in cards).encode().ljust(2880, b" ")
+    return header + bytes(16).ljust(2880, b"\0")
+
+
+def test_the_refused_formats_are_ones_pillow_would_open() -> None:
+    # Without this, the allowlist test could pass on bytes Pillow cannot read at all.
+    for data, expected in ((encoded(picture(), "EPS"), "EPS"), (fits_file(), "FITS"),
+                           (encoded(picture(), "TIFF"), "TIFF")):  # fmt: skip
+        assert Image.open(io.BytesIO(data)).format == expected
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares a size and holds no pixel data: decoding it would fail."""
 
@@ -179,7 +198,7 @@ def fetch(
     max_bytes: int = 20 * 1024 * 1024,
     max_pixels: int = 4096 * 4096,
     timeout_seconds: float = 5.0,
-    resolve: Callable[[str, int], list[str]] | None = None,
+    resolve: Resolver = system_resolve,
 ) -> Image.Image:
     return load_image(
         ImageInput(url=url),
@@ -349,6 +368,88 @@ def test_redirect_to_a_name_resolving_privately_is_refused(http_server: HttpServ
     assert message.endswith("not allowed: the host resolves to a non-public address.")
 
 
+# --- refused at connect time: what the name resolves to (R16, R17) -------------------------------
+
+
+@pytest.mark.parametrize("address", R16_ADDRESSES)
+def test_r16_a_name_resolving_to_an_internal_address_is_refused_without_connecting(
+    monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    attempts = refuse_connections(monkeypatch)
+    with listener() as target:
+        url = f"http://images.test:{target.port}/a.png"
+        message = refused(lambda: fetch(url, allow=[], resolve=Answers([address])))
+        assert not target.reached()
+    assert attempts == []
+    assert message == (
+        "The init_image URL is not allowed: the host resolves to a non-public address."
+    )
+
+
+def test_a_name_that_does_not_resolve_is_refused() -> None:
+    def nothing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    message = refused(lambda: fetch("http://nx.test/a.png", resolve=nothing))
+    assert message == "The init_image URL is not allowed: the host name does not resolve."
+
+
+def recording_hosts(route: Route, hosts: list[str]) -> Route:
+    def recorded(handler: BaseHTTPRequestHandler) -> None:
+        hosts.append(handler.headers["host"])
+        route(handler)
+
+    return recorded
+
+
+def test_r17_the_fetch_connects_to_the_address_it_validated(http_server: HttpServer) -> None:
+    # The first lookup answers loopback (allowed here), any later one the metadata address.
+    # rebind.test exists for no system resolver (.test is reserved): had httpx resolved the
+    # name again at connect, the fetch would fail.
+    hosts: list[str] = []
+    http_server.routes["/a.png"] = recording_hosts(body(encoded(picture(), "PNG")), hosts)
+    port = http_server.httpd.server_address[1]
+    resolve = Answers(["127.0.0.1"], ["169.254.169.254"])
+    assert fetch(f"http://rebind.test:{port}/a.png", resolve=resolve).size == (48, 32)
+    assert resolve.calls == [("rebind.test", port)]
+    assert hosts == [f"rebind.test:{port}"]
+
+
+def test_r17_every_hop_is_checked_when_it_connects(http_server: HttpServer) -> None:
+    # The redirect stays on the same name; the lookup for the second connection has been
+    # rebound to the metadata address.
+    hosts: list[str] = []
+    http_server.routes["/go"] = redirect("/a.png")
+    http_server.routes["/a.png"] = recording_hosts(body(encoded(picture(), "PNG")), hosts)
+    port = http_server.httpd.server_address[1]
+    resolve = Answers(["127.0.0.1"], ["169.254.169.254"])
+    message = refused(lambda: fetch(f"http://rebind.test:{port}/go", resolve=resolve))
+    assert message == (
+        "The init_image URL redirects to a URL that is not allowed: "
+        "the host resolves to a non-public address."
+    )
+    assert len(resolve.calls) == 2
+    assert hosts == []
+
+
+def test_r18_a_dns_lookup_that_never_answers_is_cut_at_the_total_deadline() -> None:
+    release = threading.Event()
+
+    def stuck(host: str, port: int) -> list[str]:
+        release.wait(10)  # getaddrinfo cannot be interrupted
+        return ["127.0.0.1"]
+
+    started = time.monotonic()
+    try:
+        message = refused(
+            lambda: fetch("http://slow-dns.test/a.png", resolve=stuck, timeout_seconds=0.5)
+        )
+    finally:
+        release.set()
+    assert message == "The init_image could not be fetched within 0.5 seconds."
+    assert 0.5 <= time.monotonic() - started < 1.5
+
+
 def test_redirect_loop_stops(http_server: HttpServer) -> None:
     http_server.routes["/loop"] = redirect("/loop")
     message = refused(lambda: fetch(http_server.url("/loop")))
@@ -371,13 +472,17 @@ def test_connection_refused() -> None:
     assert message == "The init_image could not be fetched: the connection failed."
 
 
-def test_body_over_the_cap_with_content_length(http_server: HttpServer) -> None:
-    http_server.routes["/big"] = endless(declared=100 * 1024 * 1024)
+def test_r18_a_huge_body_with_an_honest_content_length_is_refused_at_once(
+    http_server: HttpServer,
+) -> None:
+    http_server.routes["/big"] = endless(declared=1024 * 1024 * 1024)
     message = refused(lambda: fetch(http_server.url("/big"), max_bytes=64 * 1024))
     assert message == "The init_image is larger than 64 KB."
 
 
-def test_body_over_the_cap_without_content_length(http_server: HttpServer) -> None:
+def test_r18_an_endless_body_without_content_length_is_cut_at_the_byte_cap(
+    http_server: HttpServer,
+) -> None:
     http_server.routes["/big"] = endless(declared=None)
     started = time.monotonic()
     message = refused(lambda: fetch(http_server.url("/big"), max_bytes=256 * 1024))
@@ -385,7 +490,21 @@ def test_body_over_the_cap_without_content_length(http_server: HttpServer) -> No
     assert time.monotonic() - started < 5  # cut, not read to the end
 
 
-def test_slow_drip_is_cut_at_the_total_deadline(http_server: HttpServer) -> None:
+def test_r18_an_endless_body_under_a_false_small_content_length_is_read_no_further(
+    http_server: HttpServer,
+) -> None:
+    # The framing ends the body at the declared length: the rest is never read, and the bytes
+    # read are no image.
+    http_server.routes["/big"] = endless(declared=1000)
+    started = time.monotonic()
+    message = refused(lambda: fetch(http_server.url("/big")))
+    assert message == "The init_image is not a PNG, JPEG or WEBP image."
+    assert time.monotonic() - started < 2
+
+
+def test_r18_a_body_dribbled_byte_by_byte_is_cut_at_the_total_deadline(
+    http_server: HttpServer,
+) -> None:
     http_server.routes["/drip"] = drip(http_server.stop, interval=0.05)
     started = time.monotonic()
     message = refused(lambda: fetch(http_server.url("/drip"), timeout_seconds=0.5))
@@ -394,7 +513,9 @@ def test_slow_drip_is_cut_at_the_total_deadline(http_server: HttpServer) -> None
     assert 0.5 <= elapsed < 1.5
 
 
-def test_headers_trickled_byte_by_byte_are_cut_at_the_deadline(http_server: HttpServer) -> None:
+def test_r18_headers_dribbled_byte_by_byte_are_cut_at_the_total_deadline(
+    http_server: HttpServer,
+) -> None:
     http_server.routes["/headers"] = slow_headers(http_server.stop, interval=0.05)
     started = time.monotonic()
     message = refused(lambda: fetch(http_server.url("/headers"), timeout_seconds=0.5))
@@ -402,7 +523,9 @@ def test_headers_trickled_byte_by_byte_are_cut_at_the_deadline(http_server: Http
     assert time.monotonic() - started < 1.5
 
 
-def test_stall_late_in_the_body_is_cut_at_the_deadline(http_server: HttpServer) -> None:
+def test_r18_a_stall_late_in_the_body_is_cut_at_the_total_deadline(
+    http_server: HttpServer,
+) -> None:
     # Bytes for 0.8 s, then silence. Per-read timeouts alone would wait a whole read timeout
     # after the last byte (to ~1.8 s); the deadline timer cuts the connection at 1 s.
     http_server.routes["/stall"] = drip(http_server.stop, interval=0.05, stall_after=0.8)
@@ -420,11 +543,14 @@ def test_stall_late_in_the_body_is_cut_at_the_deadline(http_server: HttpServer) 
     ("data", "content_type"),
     [
         (b"<html><body>not an image</body></html>", "text/html"),
-        (encoded(picture(), "TIFF"), "image/png"),  # another format under a PNG name
+        # R19: formats Pillow reads, served under a PNG name; EPS would run Ghostscript.
+        (encoded(picture(), "TIFF"), "image/png"),
+        (encoded(picture(), "EPS"), "image/png"),
+        (fits_file(), "image/png"),
         (encoded(picture(), "GIF"), "image/gif"),
         (encoded(picture(), "PNG")[:40], "image/png"),  # truncated before any pixel
     ],
-    ids=["html", "tiff", "gif", "truncated-header"],
+    ids=["html", "tiff", "eps", "fits", "gif", "truncated-header"],
 )
 def test_non_images_are_refused(http_server: HttpServer, data: bytes, content_type: str) -> None:
     http_server.routes["/a.png"] = body(data, content_type)

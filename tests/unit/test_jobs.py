@@ -18,6 +18,7 @@ from storage.jobs import (
     JobStatus,
     JobStore,
     NewJob,
+    UnfinishedCapReached,
     WebhookStatus,
     sources_of,
 )
@@ -446,3 +447,96 @@ def test_async_fail_after_success_and_on_unknown_ids_is_refused(
     assert job is not None
     assert job.status is SUCCESS
     assert job.error is None
+
+
+# ---------------------------------------------------------------- cap on a key's unfinished jobs
+
+
+def test_the_cap_refuses_a_job_past_it_and_creates_nothing(
+    store: JobStore, client: redis.Redis
+) -> None:
+    first, second = (store.create(new_job(), max_unfinished=2) for _ in range(2))
+    sequence = client.get(keys.JOB_SEQ)
+    with pytest.raises(UnfinishedCapReached) as refused:
+        store.create(new_job(), max_unfinished=2)
+    assert refused.value.cap == 2
+    # Refused before an id was taken or anything written.
+    assert client.get(keys.JOB_SEQ) == sequence
+    assert store.active_ids() == [first, second]
+    assert store.unfinished("key-1") == [first, second]
+    # The cap is per owner; without a cap nothing is refused (but the job still counts).
+    other = store.create(new_job(owner="key-2"), max_unfinished=2)
+    uncapped = store.create(new_job())
+    assert store.unfinished("key-2") == [other]
+    assert store.unfinished("key-1") == [first, second, uncapped]
+
+
+@pytest.mark.parametrize("finish", ["succeed", "fail_queued", "fail_processing"])
+def test_a_job_that_ends_either_way_frees_its_slot(store: JobStore, finish: str) -> None:
+    job_id = store.create(new_job(), max_unfinished=1)
+    with pytest.raises(UnfinishedCapReached):
+        store.create(new_job(), max_unfinished=1)
+    if finish == "succeed":
+        store.claim(job_id)
+        assert store.succeed(job_id, output=["u"], generation_time=1.0)
+    elif finish == "fail_processing":
+        store.claim(job_id)
+        assert store.fail(job_id, "broken")
+    else:
+        assert store.fail(job_id, "broken")
+    assert store.unfinished("key-1") == []
+    assert store.create(new_job(), max_unfinished=1) > job_id
+
+
+def test_processing_and_requeued_jobs_keep_their_slot(store: JobStore) -> None:
+    job_id = store.create(new_job(), max_unfinished=1)
+    store.claim(job_id)
+    with pytest.raises(UnfinishedCapReached):
+        store.create(new_job(), max_unfinished=1)
+    assert store.transition(job_id, QUEUED).applied  # the reconciler's re-queue
+    with pytest.raises(UnfinishedCapReached):
+        store.create(new_job(), max_unfinished=1)
+    assert store.unfinished("key-1") == [job_id]
+
+
+def test_a_refused_transition_frees_nothing(store: JobStore) -> None:
+    job_id = store.create(new_job(), max_unfinished=1)
+    store.claim(job_id)
+    assert not store.succeed(job_id, output=["u"], generation_time=1.0, lease="not-the-holder")
+    assert store.unfinished("key-1") == [job_id]
+
+
+def test_an_entry_older_than_the_job_ttl_no_longer_counts(
+    store: JobStore, client: redis.Redis, clock: Clock
+) -> None:
+    lost = store.create(new_job(), max_unfinished=1)
+    # Its record lost without a terminal transition (a Redis restart that kept only the set).
+    client.delete(keys.job(lost))
+    clock.now += TTL - 1
+    with pytest.raises(UnfinishedCapReached):
+        store.create(new_job(), max_unfinished=1)
+    clock.now += 2
+    fresh = store.create(new_job(), max_unfinished=1)
+    assert store.unfinished("key-1") == [fresh]
+    # The set itself expires with the ttl once its owner stops submitting.
+    assert 0 < client.ttl(keys.unfinished_jobs("key-1")) <= TTL
+
+
+def test_the_async_store_enforces_the_same_cap_and_the_sync_store_frees_it(
+    server: fakeredis.FakeServer, store: JobStore
+) -> None:
+    jobs = AsyncJobStore(fakeredis.aioredis.FakeRedis(server=server), ttl_seconds=TTL)
+
+    async def create() -> int:
+        return await jobs.create(new_job(), max_unfinished=2)
+
+    async def burst() -> list[Any]:
+        # Concurrent submissions from one event loop: exactly the cap gets through.
+        return await asyncio.gather(*(create() for _ in range(6)), return_exceptions=True)
+
+    outcomes = asyncio.run(burst())
+    created = [o for o in outcomes if isinstance(o, int)]
+    assert len(created) == 2
+    assert all(isinstance(o, UnfinishedCapReached) for o in outcomes if not isinstance(o, int))
+    store.fail(created[0], "cancelled")
+    assert asyncio.run(create()) > max(created)

@@ -1,10 +1,15 @@
 """The webhook dispatcher (workers/webhooks.py) with a scripted sender, fakeredis and a fake clock:
-signing, the retry schedule, Retry-After, 410, redirects, timeouts, duplicates and replay."""
+signing, the retry schedule, Retry-After, 410, redirects, timeouts, duplicates and replay. Then the
+real sender against raw servers on loopback: the outbound guard at connect time, no redirects,
+one deadline, a capped answer (R14, R16-R18)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,16 +19,28 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
+from dreamq.outbound import BlockedUrl
 from dreamq.settings import Settings, parse_retry_schedule
 from dreamq.signing import new_secret
 from storage.apikeys import ApiKeyStore
 from storage.jobs import JobStore, NewJob, WebhookStatus
+from tests.support.ssrf import (
+    R16_ADDRESS_URLS,
+    R16_ADDRESSES,
+    R16_NAME_URLS,
+    R16_SCHEME_URLS,
+    Answers,
+    refuse_connections,
+)
+from tests.support.tcp import Handler, listener, read_request, tcp_server
 from workers.webhooks import (
     Delivery,
+    HttpWebhookSender,
     Outcome,
     Response,
     RetryPolicy,
     WebhookDispatcher,
+    dispatcher_from_settings,
     parse_retry_after,
 )
 
@@ -422,3 +439,179 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("DREAMQ_WEBHOOK_RETRY_SCHEDULE", "DREAMQ_DEV_WEBHOOK_SECRET"):
         monkeypatch.delenv(name, raising=False)
     yield
+
+
+# --- the real sender: pinned connections, no redirects, one deadline (R14, R16-R18) -------------
+
+
+def answer(status: int, extra: bytes = b"") -> Handler:
+    """A receiver that records each request and answers `status` with an empty body."""
+
+    def handle(connection: socket.socket, stop: threading.Event) -> None:
+        read_request(connection)
+        connection.sendall(
+            b"HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n%s\r\n" % (status, extra)
+        )
+
+    return handle
+
+
+def delivery(url: str) -> Delivery:
+    return Delivery(url, b'{"status":"success"}', {"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("address", R16_ADDRESSES)
+def test_r16_a_name_resolving_to_an_internal_address_is_refused_without_connecting(
+    jobs: JobStore,
+    api_keys: ApiKeyStore,
+    owner: str,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    address: str,
+) -> None:
+    attempts = refuse_connections(monkeypatch)
+    with listener() as target:
+        job_id = finished_job(jobs, owner, webhook=f"http://hooks.test:{target.port}/hook")
+        hooks = WebhookDispatcher(
+            jobs=jobs,
+            sender=HttpWebhookSender(5.0, [], resolve=Answers([address])),
+            schedule=Scheduled(),
+        )
+        outcome = hooks.handle(job_id)
+        assert not target.reached()
+    assert attempts == []
+    assert outcome is not None and outcome.record is not None
+    assert outcome.record["error"] == "refused: the host resolves to a non-public address"
+
+
+@pytest.mark.parametrize("url", R16_ADDRESS_URLS + R16_NAME_URLS + R16_SCHEME_URLS)
+def test_r16_every_internal_target_is_refused_before_any_lookup(
+    jobs: JobStore, api_keys: ApiKeyStore, owner: str, clock: Clock, url: str
+) -> None:
+    job_id = finished_job(jobs, owner, webhook=url)
+    sender = ScriptedSender()
+    hooks = WebhookDispatcher(jobs=jobs, sender=sender, schedule=Scheduled())
+    outcome = hooks.handle(job_id)
+    assert sender.sent == []
+    assert outcome is not None and outcome.record is not None
+    assert outcome.record["error"].startswith("refused: ")
+
+
+def test_r17_the_post_goes_to_the_address_it_validated() -> None:
+    # Allowed first, the metadata address on any later lookup; rebind.test exists for no system
+    # resolver, so a second lookup by httpx would have failed the POST.
+    resolve = Answers(["127.0.0.1"], ["169.254.169.254"])
+    with tcp_server(answer(204)) as receiver:
+        sender = HttpWebhookSender(5.0, LOOPBACK, resolve=resolve)
+        assert sender.send(delivery(f"http://rebind.test:{receiver.port}/hook")).status == 204
+        sender.close()
+    assert resolve.calls == [("rebind.test", receiver.port)]
+    assert receiver.connections == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_r14_a_redirect_is_never_followed(status: int) -> None:
+    with (
+        listener() as target,
+        tcp_server(answer(status, b"Location: http://169.254.169.254/\r\n")) as receiver,
+        tcp_server(
+            answer(status, f"Location: http://127.0.0.1:{target.port}/\r\n".encode())
+        ) as to_loopback,
+    ):
+        sender = HttpWebhookSender(5.0, LOOPBACK)
+        for server in (receiver, to_loopback):
+            assert sender.send(delivery(f"http://127.0.0.1:{server.port}/hook")).status == status
+            assert server.connections == 1
+        sender.close()
+        assert not target.reached()
+
+
+def dribble(interval: float) -> Handler:
+    """A receiver that reads the POST, then sends its status line and headers a byte at a time."""
+
+    def handle(connection: socket.socket, stop: threading.Event) -> None:
+        read_request(connection)
+        for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 10_000:
+            connection.sendall(bytes([byte]))
+            if stop.wait(interval):
+                return
+
+    return handle
+
+
+def test_r18_a_receiver_dribbling_its_answer_is_cut_at_the_total_deadline() -> None:
+    # Each byte comes well within the read timeout: only the total deadline ends this.
+    with tcp_server(dribble(0.02)) as receiver:
+        sender = HttpWebhookSender(0.5, LOOPBACK)
+        started = time.monotonic()
+        with pytest.raises(httpx.TimeoutException):
+            sender.send(delivery(f"http://127.0.0.1:{receiver.port}/hook"))
+        elapsed = time.monotonic() - started
+        sender.close()
+    assert 0.5 <= elapsed < 1.5
+
+
+def test_r18_a_dribbling_receiver_is_a_timed_out_attempt(
+    jobs: JobStore, api_keys: ApiKeyStore, owner: str, clock: Clock
+) -> None:
+    with tcp_server(dribble(0.02)) as receiver:
+        job_id = finished_job(jobs, owner, webhook=f"http://127.0.0.1:{receiver.port}/hook")
+        hooks = WebhookDispatcher(
+            jobs=jobs,
+            sender=HttpWebhookSender(0.3, LOOPBACK),
+            schedule=Scheduled(),
+            allow=LOOPBACK,
+        )
+        outcome = hooks.handle(job_id)
+    assert outcome is not None and outcome.record is not None
+    assert (outcome.record["status_code"], outcome.record["error"]) == (None, "timeout")
+
+
+def test_r18_a_huge_answer_is_not_read() -> None:
+    finished = threading.Event()
+    written: list[int] = []
+
+    def huge(connection: socket.socket, stop: threading.Event) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
+        chunk, sent = bytes(64 * 1024), 0
+        try:
+            while sent < 1024 * 1024 * 1024 and not stop.is_set():
+                connection.sendall(chunk)
+                sent += len(chunk)
+        finally:
+            written.append(sent)
+            finished.set()
+
+    with tcp_server(huge) as receiver:
+        sender = HttpWebhookSender(5.0, LOOPBACK)
+        started = time.monotonic()
+        assert sender.send(delivery(f"http://127.0.0.1:{receiver.port}/hook")).status == 200
+        elapsed = time.monotonic() - started
+        sender.close()
+        # The sender hung up: the receiver's next writes fail.
+        assert finished.wait(5)
+    assert elapsed < 1.0
+    assert written[0] < 64 * 1024 * 1024  # what loopback socket buffers absorb, not 1 GB
+
+
+def test_the_dispatcher_from_settings_gives_the_sender_its_allow_list(
+    client: redis.Redis, jobs: JobStore, owner: str
+) -> None:
+    # 127.0.0.1 passes the early check only with loopback allowed; the POST then connects only
+    # if the sender's pinned transport got the same allow-list.
+    with tcp_server(answer(200)) as receiver:
+        job_id = finished_job(jobs, owner, webhook=f"http://127.0.0.1:{receiver.port}/hook")
+        settings = Settings(outbound_allow_cidrs="127.0.0.0/8", webhook_retry_schedule="")
+        outcome = dispatcher_from_settings(settings, client, jobs).deliver(job_id)
+    assert outcome is not None and outcome.status is WebhookStatus.SENT
+    assert receiver.connections == 1
+
+
+def test_the_pinned_sender_refuses_loopback_it_was_not_allowed() -> None:
+    with listener() as target:
+        sender = HttpWebhookSender(5.0, [])
+        with pytest.raises(BlockedUrl):
+            sender.send(delivery(f"http://127.0.0.1:{target.port}/hook"))
+        sender.close()
+        assert not target.reached()
