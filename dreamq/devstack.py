@@ -8,6 +8,7 @@ child.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -106,9 +107,11 @@ def _pings(client: redis.Redis) -> bool:
 def _settings_env(settings: Settings) -> dict[str, str]:
     """The settings as DREAMQ_* variables, so every child process builds the same object."""
     env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            env[f"DREAMQ_{name.upper()}"] = str(value)
+            # Structured settings (DREAMQ_PLANS) are read back as JSON, as an operator writes them.
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[f"DREAMQ_{name.upper()}"] = text
     return env
 
 

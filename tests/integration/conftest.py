@@ -73,6 +73,7 @@ def stack(
             s3_endpoint_url=s3.endpoint_url,
             public_url="http://testserver",
             models_file=registry_file,
+            outbound_allow_cidrs="127.0.0.0/8",  # webhooks and image URLs on loopback servers
         )
         store = ApiKeyStore(redis.Redis.from_url(redis_proc.url))
         key, _ = store.create("tenant-a")
