@@ -21,9 +21,11 @@ from redis.backoff import NoBackoff
 
 from api import errors
 from api.bodysize import BodySizeLimit
+from api.metrics import ApiMetrics, FleetReader
+from api.readiness import Readiness, broker_client, is_redis_url
 from api.routes import router
 from api.service import DreamboothService
-from dreamq import __version__
+from dreamq import __version__, logs
 from dreamq.queue import CeleryPublisher, Publisher, make_celery
 from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
@@ -57,6 +59,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     objects = parts.objects or open_object_store(settings)
     publisher = parts.publisher or CeleryPublisher(make_celery(settings), settings)
     limiter_client = parts.limiter_client or _limiter_client(settings) or client
+    broker_url = settings.effective_broker_url
+    broker = broker_client(settings.redis_url, broker_url)
+    jobs = AsyncJobStore(client, ttl_seconds=settings.job_ttl_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +69,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         await client.aclose()
         if limiter_client is not client:
             await limiter_client.aclose()
+        if broker is not None:
+            await broker.aclose()
 
     app = FastAPI(
         title="dreamq",
@@ -78,7 +85,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.state.service = DreamboothService(
         settings=settings,
         redis_client=client,
-        jobs=AsyncJobStore(client, ttl_seconds=settings.job_ttl_seconds),
+        jobs=jobs,
         api_keys=AsyncApiKeyStore(client),
         registry=registry,
         objects=objects,
@@ -89,20 +96,35 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     )
     errors.install(app, legacy_http_200=settings.legacy_http_200)
     app.include_router(router)
+    same_redis = broker_url == settings.redis_url
+    fleet = FleetReader(
+        client,
+        jobs,
+        [settings.generate_queue, settings.webhook_queue],
+        redis_broker=is_redis_url(broker_url),
+        broker=broker,
+    )
+    # Added last, so outermost: it sees every answer, the body cap's 413 included.
+    ApiMetrics(fleet).install(app)
+    readiness = Readiness(client, broker_url, broker=broker, same_redis=same_redis)
 
     @app.get("/health", tags=["operations"])
     async def health() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["operations"], responses={503: {"description": "Redis is down"}})
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        responses={503: {"description": "Redis or the broker is down (named in the body)"}},
+    )
     async def ready() -> JSONResponse:
-        """Readiness: Redis answers (the broker is Redis unless configured otherwise)."""
-        try:
-            await client.ping()
-        except Exception:
-            return JSONResponse({"status": "unavailable", "redis": "down"}, status_code=503)
-        return JSONResponse({"status": "ok", "redis": "up"})
+        """Readiness: Redis and the broker answer. 503 names what is down."""
+        found = await readiness.check()
+        body: dict[str, str] = {name: "up" if up else "down" for name, up in found.items()}
+        if all(found.values()):
+            return JSONResponse({"status": "ok", **body})
+        return JSONResponse({"status": "unavailable", **body}, status_code=503)
 
     if isinstance(objects, LocalDirObjectStore):
         local = objects
@@ -155,4 +177,8 @@ def _registry(settings: Settings) -> Registry:
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for `dreamq api`: settings from the environment, read at startup."""
-    return create_app(Settings())
+    settings = Settings()
+    # Here, not only in `dreamq api`: uvicorn configures its loggers before it calls this
+    # factory (in each of its --workers processes), and DREAMQ_LOG_FORMAT must win.
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings)

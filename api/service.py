@@ -13,6 +13,7 @@ from typing import Any
 import anyio.to_thread
 import redis.asyncio as aioredis
 
+from dreamq import logs
 from dreamq.capabilities import refusals
 from dreamq.contract import (
     DEFAULT_FPS,
@@ -100,6 +101,7 @@ class DreamboothService:
         info = await self._keys.lookup(key)
         if info is None:
             raise InvalidApiKey()
+        logs.bind(key_name=info.name)  # the rest of this request's lines carry it
         return info
 
     async def submit(self, kind: JobKind, request: GenerationRequest) -> ProcessingResponse:
@@ -141,6 +143,7 @@ class DreamboothService:
         job_id = await self._create(
             NewJob(
                 owner=owner.id,
+                owner_name=owner.name,
                 model_id=request.model_id,
                 kind=kind,
                 params=params.to_dict(),

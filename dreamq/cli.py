@@ -31,10 +31,10 @@ def _settings() -> Settings:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
-    )
+    from dreamq.logs import configure
+
+    configure(settings.log_level, settings.log_format)  # text, or JSON lines (dreamq/logs.py)
+    logging.captureWarnings(True)  # library warnings as log lines too: JSON stays parseable
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -359,6 +359,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    # Their modules import this one (settings, tables): imported here, not at the top.
+    from dreamq.cli_jobs import add_jobs_commands, add_queue_command
+    from dreamq.cli_models import add_models_commands
+
     root = argparse.ArgumentParser(prog="dreamq", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
 
@@ -430,6 +434,9 @@ def parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=2.0, help="seconds between the two looks at the broker"
     )
     reconcile.set_defaults(func=cmd_jobs_reconcile)
+    add_jobs_commands(jobs_sub)
+    add_queue_command(sub)
+    add_models_commands(sub)
 
     workers = sub.add_parser(
         "workers", help="workers, their queues, loaded models, heartbeat and consumption state"

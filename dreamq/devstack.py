@@ -179,10 +179,15 @@ class DevStack:
             "worker": ["--concurrency", "1"],
             "dispatcher": ["--concurrency", "4"],
         }
+        # The worker and the dispatcher each serve metrics: the dispatcher on the next port.
+        ports = {"dispatcher": settings.metrics_port + 1} if settings.metrics_port else {}
         for name, args in commands.items():
+            child_env = env
+            if name in ports:
+                child_env = {**env, "DREAMQ_METRICS_PORT": str(ports[name])}
             # Own session: Ctrl-C reaches only this supervisor, which stops each child in order.
             self.children[name] = subprocess.Popen(
-                [*dreamq, name, *args], env=env, start_new_session=True
+                [*dreamq, name, *args], env=child_env, start_new_session=True
             )
 
     def _wait_ready(self, settings: Settings) -> None:

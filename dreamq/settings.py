@@ -266,6 +266,18 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of every dreamq process."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or one JSON object a line with job_id, model_id and "
+        "key_name (the key's name, never the key) when known.",
+    )
+    metrics_port: int = Field(
+        9100,
+        ge=0,
+        le=65535,
+        description="Port of a worker's or dispatcher's Prometheus metrics (its main process "
+        "serves its pool's); 0: none. The API serves /metrics on its own port.",
+    )
 
     @field_validator("public_url", "s3_public_url")
     @classmethod

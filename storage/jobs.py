@@ -81,6 +81,8 @@ class NewJob:
     queue: str = ""
     """The broker queue its message goes to: the reconciler of that queue's deployment
     re-drives it, no other."""
+    owner_name: str = ""
+    """The owner key's name (never the key): workers log it on the job's lines."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class JobRecord:
     attempts: int = 0
     webhook_status: WebhookStatus = WebhookStatus.NONE
     queue: str = ""
+    owner_name: str = ""
 
     def remaining_seconds(self, now: float) -> float:
         """Seconds until the output is expected: from the submission estimate while queued,
@@ -167,6 +170,7 @@ def decode(raw: dict[str, str]) -> JobRecord:
         attempts=int(raw.get("attempts") or 0),
         webhook_status=WebhookStatus(raw.get("webhook_status", "")),
         queue=raw.get("queue", ""),
+        owner_name=raw.get("owner_name", ""),
     )
 
 
@@ -302,6 +306,18 @@ redis.call('PUBLISH', ARGV[4], id .. ' webhook_' .. ARGV[3])
 return 1
 """
 
+
+# KEYS: active set. ARGV: job key prefix. Counts the active jobs by status: {queued, processing}.
+# One pass over the non-terminal jobs, inside Redis (the metrics scrape asks it).
+_COUNT_ACTIVE = """
+local queued, processing = 0, 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local status = redis.call('HGET', ARGV[1] .. id, 'status')
+  if status == 'queued' then queued = queued + 1
+  elseif status == 'processing' then processing = processing + 1 end
+end
+return {queued, processing}
+"""
 
 # KEYS: job key, lease key. ARGV: expected status. Counts a re-drive of a job whose broker message
 # was lost, only while the job is still in that status and nobody holds its lease. Returns the
@@ -441,6 +457,7 @@ def _new_job_fields(job: NewJob, now: float) -> dict[str, Any]:
         "attempts": 0,
         "webhook_status": WebhookStatus.PENDING if job.webhook else WebhookStatus.NONE,
         "queue": job.queue,
+        "owner_name": job.owner_name,
     }
 
 
@@ -679,6 +696,14 @@ class AsyncJobStore:
         self._clock = clock
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
+        self._count_active = client.register_script(_COUNT_ACTIVE)
+
+    async def active_counts(self) -> dict[JobStatus, int]:
+        """Exact counts of the queued and processing jobs (one script over the active set)."""
+        queued, processing = await self._count_active(
+            keys=[keys.ACTIVE_JOBS], args=[keys.job(0)[:-1]]
+        )
+        return {JobStatus.QUEUED: int(queued), JobStatus.PROCESSING: int(processing)}
 
     async def create(self, job: NewJob, *, max_unfinished: int | None = None) -> int:
         """As `JobStore.create`."""

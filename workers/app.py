@@ -8,6 +8,7 @@ in the parent.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -19,7 +20,9 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import (
+    setup_logging,
     task_received,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -35,6 +38,7 @@ from storage.jobs import JobStore
 from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX
 from storage.objects import ObjectStore, S3ObjectStore, open_object_store
 from workers.liveness import Heartbeat
+from workers.metrics import MetricsServer, WorkerMetrics
 from workers.supervision import JobSupervisor, supervised_request
 
 log = logging.getLogger("dreamq.worker")
@@ -73,18 +77,26 @@ class WorkerRuntime:
             max_attempts=settings.max_attempts,
         )
         publisher = CeleryPublisher(self.app, settings)
+        # Per process, after the fork: in a worker, its values go to this process's own files.
+        metrics = WorkerMetrics()
         runner = dispatcher = None
         if self.role == "generate":
-            runner = self._build_runner(client, jobs, publisher)
+            runner = self._build_runner(client, jobs, publisher, metrics)
         else:
             from workers.webhooks import celery_schedule, dispatcher_from_settings
 
             schedule = celery_schedule(self.app, WEBHOOK_TASK, settings.webhook_queue, time.time)
-            dispatcher = dispatcher_from_settings(settings, client, jobs, schedule)
+            dispatcher = dispatcher_from_settings(
+                settings, client, jobs, schedule, on_attempt=metrics.webhook_attempt
+            )
         return _ProcessParts(pid=os.getpid(), runner=runner, dispatcher=dispatcher)
 
-    def _build_runner(self, client: redis.Redis, jobs: JobStore, publisher: Any) -> Any:
+    def _build_runner(
+        self, client: redis.Redis, jobs: JobStore, publisher: Any, metrics: WorkerMetrics
+    ) -> Any:
         # Imported here: the dispatcher never loads torch.
+        import torch
+
         from workers.control import WorkerControl
         from workers.generate import Generator
         from workers.helpers import HelperModels
@@ -99,6 +111,7 @@ class WorkerRuntime:
         durations = DurationRecorder(client)
 
         def record_load(model_id: str, seconds: float) -> None:
+            metrics.model_loaded(model_id, seconds)
             try:
                 durations.record_load(model_id, seconds)
             except redis.RedisError:  # a statistic: never worth failing the job that loaded
@@ -110,6 +123,7 @@ class WorkerRuntime:
             dtype=settings.dtype,
             idle_seconds=settings.model_idle_seconds,
             on_load=record_load,
+            on_lookup=metrics.cache_lookup,
         )
         control = WorkerControl(
             client,
@@ -123,6 +137,10 @@ class WorkerRuntime:
         worker_process_shutdown.connect(lambda **_: control.stop(), weak=False)
         loader = InputLoader.from_settings(settings, objects)  # one HTTP client per process
 
+        def after_job() -> None:
+            control.job_finished()
+            metrics.sample_gpu_memory(torch, cache.device)
+
         def fetch_image(ref: Any, field: str) -> Any:
             return loader.load(ref, field=field)
 
@@ -135,7 +153,8 @@ class WorkerRuntime:
             durations=durations,
             publisher=publisher,
             before_job=control.job_started,
-            after_job=control.job_finished,
+            after_job=after_job,
+            on_finished=metrics.job_finished,
         )
 
 
@@ -165,6 +184,10 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
         raise ValueError(f"unknown worker role {role!r}")
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app, role)
+    # dreamq configured logging (DREAMQ_LOG_FORMAT) before Celery starts: a receiver of this
+    # signal keeps Celery from adding handlers and formats of its own.
+    setup_logging.connect(_keep_logging, weak=False)
+    server = _metrics_server(settings)
 
     # The main process frees the lease of a pool process it lost and fails a job it killed.
     @app.task(
@@ -190,7 +213,10 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
     # Every worker writes its liveness record (workers/liveness.py) from the main process; only
     # generation workers that consume count towards the ETA's "workers serving the queue".
     beat = Heartbeat(
-        redis.Redis.from_url(settings.redis_url), role=role, interval=settings.heartbeat_seconds
+        redis.Redis.from_url(settings.redis_url),
+        role=role,
+        interval=settings.heartbeat_seconds,
+        on_pool_gone=server.process_gone if server is not None else None,
     )
     worker_ready.connect(lambda sender, **_: beat.start(sender), weak=False)
     task_received.connect(beat.received, weak=False)
@@ -199,6 +225,27 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
     if role == "webhooks":
         _run_reconciler(settings, app)
     return app
+
+
+def _keep_logging(**_: Any) -> None:
+    """Celery's `setup_logging`: the process's logging is dreamq's (dreamq/logs.py)."""
+
+
+def _metrics_server(settings: Settings) -> MetricsServer | None:
+    """DREAMQ_METRICS_PORT from the main process, once Celery starts a worker (`worker_init`,
+    before the pool forks); nothing when it is 0 or when the app is only built (tests)."""
+    if not settings.metrics_port:
+        return None
+    server = MetricsServer(settings.metrics_port)
+
+    def start(**_: Any) -> None:
+        server.prepare()
+        server.start()
+        atexit.register(server.stop)
+
+    worker_init.connect(start, weak=False)
+    worker_shutdown.connect(lambda **_: server.stop(), weak=False)
+    return server
 
 
 def _run_reconciler(settings: Settings, app: Celery) -> None:

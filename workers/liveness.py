@@ -88,8 +88,11 @@ class Heartbeat:
         interval: float,
         clock: Callable[[], float] = time.time,
         state: Any = celery_state,
+        on_pool_gone: Callable[[list[int]], None] | None = None,
     ) -> None:
+        """`on_pool_gone(pids)` hears of pool processes that exited (their live metrics go)."""
         self._store = WorkerStore(client)
+        self._on_pool_gone = on_pool_gone
         self.role = role
         self.interval = interval
         self._clock = clock
@@ -186,6 +189,11 @@ class Heartbeat:
         gone, self._known_pids = self._known_pids - pids, pids
         serving = self.role == "generate" and record.consuming_at == record.heartbeat_at
         self._store.beat(record, serving=serving, gone_pids=sorted(gone))
+        if gone and self._on_pool_gone is not None:
+            try:
+                self._on_pool_gone(sorted(gone))
+            except Exception:  # bookkeeping of metrics: never worth a heartbeat
+                log.warning("heartbeat: pool process cleanup failed", exc_info=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -182,10 +182,13 @@ class PipelineCache:
         idle_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_load: Callable[[str, float], None] | None = None,
+        on_lookup: Callable[[bool], None] | None = None,
     ) -> None:
-        """``on_load(model_id, seconds)`` is told of every load (the ETA of a reload uses it)."""
+        """``on_load(model_id, seconds)`` is told of every load (the ETA of a reload uses it);
+        ``on_lookup(hit)`` of every ``get``: the model was loaded already (hit) or not."""
         self._registry = registry
         self._on_load = on_load
+        self._on_lookup = on_lookup
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.idle_seconds = idle_seconds
@@ -202,6 +205,8 @@ class PipelineCache:
     def get(self, model_id: str) -> LoadedModel:
         with self._lock:
             loaded = self._loaded.get(model_id)
+            if self._on_lookup is not None:
+                self._on_lookup(loaded is not None)
             if loaded is not None:
                 self.stats.hits += 1
             else:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
+from dreamq import logs
 from dreamq.errors import PublicJobError
 from dreamq.jobparams import ImageInput, JobParams
 from dreamq.queue import Publisher
@@ -74,8 +75,11 @@ class JobRunner:
         publisher: Publisher,
         before_job: Callable[[], None] = lambda: None,
         after_job: Callable[[], None] = lambda: None,
+        on_finished: Callable[[str, str, str, float], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`on_finished(model_id, kind, status, seconds)` hears of every run that ended the job:
+        its terminal status and the wall time from the claim (metrics)."""
         self._jobs = jobs
         self._objects = objects
         self._generator = generator
@@ -85,6 +89,7 @@ class JobRunner:
         self._publisher = publisher
         self._before_job = before_job
         self._after_job = after_job
+        self._on_finished = on_finished
         self._clock = clock
 
     def run(self, job_id: int) -> float | None:
@@ -92,7 +97,8 @@ class JobRunner:
         holds the job's lease (the broker delivered it twice); None when done with it."""
         self._hook(self._before_job)
         try:
-            return self._run(job_id)
+            with logs.bound(job_id=job_id):
+                return self._run(job_id)
         finally:
             self._hook(self._after_job)
 
@@ -114,6 +120,13 @@ class JobRunner:
             # Unknown, or already terminal: a duplicate delivery of a finished job.
             log.info("job %s: nothing to do (unknown or finished)", job_id)
             return None
+        claimed = self._clock()
+        with logs.bound(model_id=job.model_id, key_name=job.owner_name):
+            self._run_claimed(job, token, claimed)
+        return None
+
+    def _run_claimed(self, job: JobRecord, token: str, claimed: float) -> None:
+        job_id = job.id
         log.info("job %s: processing (model %s, attempt %s)", job_id, job.model_id, job.attempts)
         started = self._clock()
         try:
@@ -121,12 +134,15 @@ class JobRunner:
         except (PublicJobError, ModelLoadError) as exc:
             log.warning("job %s: failed: %s", job_id, exc.message)
             finished = self._jobs.fail(job_id, exc.message, lease=token)
+            status = "failed"
         except SoftTimeLimitExceeded:
             log.warning("job %s: failed: over its time limit", job_id)
             finished = self._jobs.fail(job_id, TIMEOUT_FAILURE, lease=token)
+            status = "failed"
         except Exception:
             log.exception("job %s: failed", job_id)
             finished = self._jobs.fail(job_id, GENERIC_FAILURE, lease=token)
+            status = "failed"
         else:
             finished = self._jobs.succeed(
                 job_id,
@@ -135,15 +151,19 @@ class JobRunner:
                 meta=outcome.meta,
                 lease=token,
             )
+            status = "success"
             log.info("job %s: success in %.3f s", job_id, outcome.seconds)
             self._hook(
                 lambda: self._durations.record(
                     job.model_id, outcome.units, outcome.seconds, self._clock() - started
                 )
             )
+        on_finished = self._on_finished
+        if finished and on_finished is not None:
+            seconds = self._clock() - claimed
+            self._hook(lambda: on_finished(job.model_id, job.kind, status, seconds))
         if finished and job.webhook:
             self._hand_off_webhook(job_id)
-        return None
 
     def _process(self, job: JobRecord) -> Outcome:
         try:

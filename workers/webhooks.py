@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import httpx
 import redis
 
+from dreamq import logs
 from dreamq.contract import webhook_body
 from dreamq.guarded_http import Deadline, pinned_transport
 from dreamq.outbound import (
@@ -213,6 +214,22 @@ Schedule = Callable[[int, int, float], None]
 """schedule(job_id, attempt, due_at): have the dispatcher run that attempt at `due_at`."""
 
 
+WEBHOOK_OUTCOMES = ("delivered", "retry", "failed", "refused", "timeout")
+
+
+def webhook_outcome(code: int | None, error: str | None, will_retry: bool) -> str:
+    """The outcome label of one webhook attempt: `delivered` (2xx), `refused` (the outbound
+    guard or an invalid URL), `timeout`, else `retry` when another attempt is scheduled and
+    `failed` when none is (the schedule is spent, 410 Gone, a replay)."""
+    if code is not None and 200 <= code < 300:
+        return "delivered"
+    if error is not None and error.startswith("refused"):
+        return "refused"
+    if error == "timeout":
+        return "timeout"
+    return "retry" if will_retry else "failed"
+
+
 def no_secrets(owner: str, now: float) -> list[str]:
     return []
 
@@ -231,9 +248,12 @@ class WebhookDispatcher:
         present: Callable[[str], str] = str,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        on_attempt: Callable[[str], None] | None = None,
     ) -> None:
         """`present`: `ObjectStore.present`, so a private bucket's links are presigned at each
-        attempt and a late retry still carries links valid for their whole lifetime."""
+        attempt and a late retry still carries links valid for their whole lifetime.
+        `on_attempt(outcome)` hears of every attempt made (`workers.metrics.webhook_outcome`)."""
+        self._on_attempt = on_attempt
         self._jobs = jobs
         self._present = present
         self._sender = sender
@@ -247,6 +267,10 @@ class WebhookDispatcher:
 
     def handle(self, job_id: int, attempt: int = 1, due_at: float | None = None) -> Outcome | None:
         """One broker message: wait more (re-publish), or make the attempt and schedule the next."""
+        with logs.bound(job_id=job_id):
+            return self._handle(job_id, attempt, due_at)
+
+    def _handle(self, job_id: int, attempt: int, due_at: float | None) -> Outcome | None:
         if due_at is not None and due_at - self._clock() > EARLY_TOLERANCE_SECONDS:
             self._reschedule(job_id, attempt, due_at)
             return None
@@ -261,9 +285,10 @@ class WebhookDispatcher:
         job = self._deliverable(job_id)
         if job is None:
             return None
-        if not self._jobs.claim_webhook_attempt(job_id, attempt, lease_seconds=self._lease):
-            return self._overdue(job, attempt)
-        return self._attempt(job, attempt, retries=True)
+        with logs.bound(job_id=job_id, model_id=job.model_id, key_name=job.owner_name):
+            if not self._jobs.claim_webhook_attempt(job_id, attempt, lease_seconds=self._lease):
+                return self._overdue(job, attempt)
+            return self._attempt(job, attempt, retries=True)
 
     def replay(self, job_id: int) -> Outcome | None:
         """The operator's re-send of the job's last event: one attempt, the same webhook-id, a
@@ -272,9 +297,10 @@ class WebhookDispatcher:
         if job is None:
             return None
         attempt = self._jobs.webhook_attempt_count(job_id) + 1
-        if not self._jobs.claim_webhook_attempt(job_id, attempt, lease_seconds=self._lease):
-            return None
-        return self._attempt(job, attempt, retries=False)
+        with logs.bound(job_id=job_id, model_id=job.model_id, key_name=job.owner_name):
+            if not self._jobs.claim_webhook_attempt(job_id, attempt, lease_seconds=self._lease):
+                return None
+            return self._attempt(job, attempt, retries=False)
 
     def _deliverable(self, job_id: int) -> JobRecord | None:
         job = self._jobs.get(job_id)
@@ -359,6 +385,12 @@ class WebhookDispatcher:
         if retry_at is not None:
             record["next_at"] = round(retry_at, 3)
         self._jobs.record_webhook_attempt(job.id, record, status)
+        if self._on_attempt is not None:
+            outcome = webhook_outcome(code, error, will_retry=retry_at is not None)
+            try:
+                self._on_attempt(outcome)
+            except Exception:  # a metric: never worth the delivery's bookkeeping
+                log.warning("webhook attempt metric failed", exc_info=True)
         log.info(
             "job %s: webhook attempt %s: %s -> %s", job.id, attempt, code or error, status.value
         )
@@ -402,7 +434,11 @@ def celery_schedule(app: Any, task_name: str, queue: str, clock: Callable[[], fl
 
 
 def dispatcher_from_settings(
-    settings: Settings, client: redis.Redis, jobs: JobStore, schedule: Schedule | None = None
+    settings: Settings,
+    client: redis.Redis,
+    jobs: JobStore,
+    schedule: Schedule | None = None,
+    on_attempt: Callable[[str], None] | None = None,
 ) -> WebhookDispatcher:
     """The dispatcher of a deployment: signing secrets from the API keys, its timeout, retry
     schedule, claim lease and outbound allowlist. Without `schedule` it makes single attempts
@@ -429,4 +465,5 @@ def dispatcher_from_settings(
         present=(
             open_object_store(settings).present if settings.output_links == "presigned" else str
         ),
+        on_attempt=on_attempt,
     )

@@ -207,6 +207,8 @@ def dreamq_command(*args: str) -> list[str]:
 @contextmanager
 def dreamq_worker(env: Mapping[str, str], role: str = "worker") -> Iterator[ProcessOutput]:
     """`dreamq worker` or `dreamq dispatcher`, ready once Celery says so."""
+    # No metrics endpoint unless a test asks: parallel workers would compete for one port.
+    env = {"DREAMQ_METRICS_PORT": "0", **env}
     with running(dreamq_command(role), env=env, name=f"dreamq {role}") as output:
         output.wait_for(r"\bready\.", timeout=90)
         yield output

@@ -122,6 +122,8 @@ def profiles(redis_proc: RedisServer, registry: Path, tmp_path: Path) -> Iterato
             values["broker_url"] = broker_url
         env = {f"DREAMQ_{field.upper()}": str(value) for field, value in values.items()}
         env["HF_HUB_OFFLINE"] = "1"
+        # No metrics endpoint unless a test asks: parallel workers would compete for one port.
+        env.setdefault("DREAMQ_METRICS_PORT", "0")
         settings = Settings(**values)
         key, _ = ApiKeyStore(redis.Redis.from_url(redis_proc.url)).create("reliability")
         api = TestClient(create_app(settings))
