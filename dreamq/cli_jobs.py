@@ -87,14 +87,21 @@ def job_public(job: JobRecord, client: redis.Redis, now: float) -> dict[str, Any
     }
 
 
-def cmd_jobs_show(args: argparse.Namespace) -> int:
+def _job(settings: Settings, job_id: int) -> tuple[redis.Redis, JobRecord | None]:
+    """The Redis client and the job record; None (after saying so) when there is none."""
     from storage.jobs import JobStore
 
-    settings = _settings()
     client = _redis(settings.redis_url)
-    job = JobStore(client, ttl_seconds=settings.job_ttl_seconds).get(args.job_id)
+    job = JobStore(client, ttl_seconds=settings.job_ttl_seconds).get(job_id)
     if job is None:
-        print(f"job {args.job_id}: unknown (or expired)", file=sys.stderr)
+        print(f"job {job_id}: unknown (or expired)", file=sys.stderr)
+    return client, job
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    settings = _settings()
+    client, job = _job(settings, args.job_id)
+    if job is None:
         return 1
     found = job_public(job, client, time.time())
     if args.json:
@@ -128,14 +135,11 @@ REQUEUE_HELP = (
 def cmd_jobs_requeue(args: argparse.Namespace) -> int:
     from dreamq.queue import CeleryPublisher, make_celery
     from storage import keys
-    from storage.jobs import JobStore
     from workers.reconciler import broker_view
 
     settings = _settings()
-    client = _redis(settings.redis_url)
-    job = JobStore(client, ttl_seconds=settings.job_ttl_seconds).get(args.job_id)
+    client, job = _job(settings, args.job_id)
     if job is None:
-        print(f"job {args.job_id}: unknown (or expired)", file=sys.stderr)
         return 1
     if job.status.is_terminal():
         print(f"job {job.id} is {job.status.value}: a finished job is not requeued (submit it "

@@ -29,7 +29,7 @@ from dreamq.settings import Settings
 from storage import keys
 from storage.apikeys import ApiKeyStore
 from storage.jobs import JobStatus, JobStore
-from storage.objects import MemoryObjectStore
+from storage.objects import MemoryObjectStore, ObjectStore
 from tests.support.processes import free_port
 
 
@@ -67,9 +67,10 @@ def build(
     *,
     limiter_clock: Callable[[], float] | None = None,
     limiter_client: aioredis.Redis | None = None,
+    objects: ObjectStore | None = None,
     **settings: Any,
 ) -> Iterator[Api]:
-    objects = MemoryObjectStore("https://cdn.example.com")
+    objects = objects or MemoryObjectStore("https://cdn.example.com")
     server = fakeredis.FakeServer()
     sync = fakeredis.FakeRedis(server=server)
     publisher = RecordingPublisher()

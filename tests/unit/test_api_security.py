@@ -9,18 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
-import fakeredis
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from api.app import Overrides, create_app
-from dreamq.queue import RecordingPublisher
 from dreamq.settings import Settings
 from storage.apikeys import ApiKeyStore
-from storage.jobs import JobStatus, JobStore
+from storage.jobs import JobStatus
 from storage.objects import S3_CLIENT_CONFIG, S3ObjectStore
-from tests.unit.test_api import REGISTRY, Api, build, txt2img
+from tests.unit.test_api import Api, build, txt2img
 
 
 @pytest.fixture
@@ -178,24 +174,8 @@ def presigning_store() -> S3ObjectStore:
 
 @pytest.fixture
 def private_api() -> Iterator[Api]:
-    server = fakeredis.FakeServer()
-    sync = fakeredis.FakeRedis(server=server)
-    objects = presigning_store()
-    publisher = RecordingPublisher()
-    app = create_app(
-        Settings(public_url="https://api.example.com"),
-        Overrides(
-            redis_client=fakeredis.aioredis.FakeRedis(server=server),
-            registry=REGISTRY,
-            objects=objects,
-            publisher=publisher,
-        ),
-    )
-    store = ApiKeyStore(sync)
-    key, _ = store.create("a")
-    other_key, _ = store.create("b")
-    with TestClient(app) as client:
-        yield Api(client, publisher, JobStore(sync, ttl_seconds=60), key, other_key, sync, objects)
+    with build(objects=presigning_store()) as api:
+        yield api
 
 
 def expires(link: str) -> int:

@@ -47,6 +47,7 @@ from storage.apikeys import ApiKeyStore
 from storage.objects import MemoryObjectStore
 from tests.support.ssrf import (
     R16_ADDRESS_URLS,
+    R16_ADDRESSES,
     R16_NAME_URLS,
     R16_SCHEME_URLS,
     Answers,
@@ -58,22 +59,7 @@ PUBLIC_V4 = "93.184.216.34"
 PUBLIC_V6 = "2606:2800:220:1:248:1893:25c8:1946"
 LOOPBACK = parse_cidrs("127.0.0.0/8")
 
-BLOCKED = [
-    "127.0.0.1",
-    "::1",
-    "::ffff:127.0.0.1",
-    "169.254.169.254",
-    "fd00:ec2::254",
-    "10.0.0.1",
-    "172.16.0.1",
-    "192.168.0.1",
-    "100.64.0.1",
-    "100.100.100.200",
-    "0.0.0.0",
-    "64:ff9b::a9fe:a9fe",
-    "2002:a9fe:a9fe::1",
-    "fe80::1%eth0",
-]
+BLOCKED = [*R16_ADDRESSES, "fe80::1%eth0"]
 
 
 class FakeResolver:
