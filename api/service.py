@@ -259,7 +259,11 @@ class DreamboothService:
         except Exception:
             # The record exists; fail it so a fetch tells the truth instead of "processing" forever.
             log.exception("publishing job %s failed", job_id)
-            await self._jobs.fail(job_id, "The queue is unavailable; the job was not started.")
+            # No webhook either: the client got a 503 and never learned this id, so a "failed"
+            # delivery for it would announce a job it does not know (and may have resubmitted).
+            await self._jobs.fail(
+                job_id, "The queue is unavailable; the job was not started.", webhook=False
+            )
             await self._forget(marker)
             raise ServiceUnavailable("The queue is unavailable, try again later.") from None
 

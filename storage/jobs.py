@@ -714,14 +714,12 @@ class AsyncJobStore:
         raw = await self._r.hgetall(keys.job(job_id))
         return decode(_decode_hash(raw)) if raw else None
 
-    async def fail(self, job_id: int, message: str) -> bool:
+    async def fail(self, job_id: int, message: str, *, webhook: bool = True) -> bool:
+        """`webhook=False`: no delivery for this end (the client was told at once, with no id)."""
         now = self._clock()
-        args = _transition_args(
-            JobStatus.FAILED,
-            self._ttl,
-            0,
-            {"error": message, "finished_at": now, "eta_at": now},
-            now,
-        )
+        fields: dict[str, Any] = {"error": message, "finished_at": now, "eta_at": now}
+        if not webhook:
+            fields["webhook_status"] = WebhookStatus.NONE.value
+        args = _transition_args(JobStatus.FAILED, self._ttl, 0, fields, now)
         reply = await self._transition(keys=_transition_keys(job_id), args=args)
         return _result(reply).applied

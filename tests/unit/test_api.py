@@ -28,7 +28,7 @@ from dreamq.registry import (
 from dreamq.settings import Settings
 from storage import keys
 from storage.apikeys import ApiKeyStore
-from storage.jobs import JobStatus, JobStore
+from storage.jobs import JobStatus, JobStore, WebhookStatus
 from storage.objects import MemoryObjectStore, ObjectStore
 from tests.support.processes import free_port
 
@@ -469,12 +469,15 @@ def test_another_keys_job_answers_like_an_unknown_one(api: Api) -> None:
 
 def test_publish_failure_fails_the_job_and_answers_503(api: Api) -> None:
     api.publisher.fail_with = ConnectionError("broker down")
-    response = txt2img(api)
+    response = txt2img(api, webhook="https://hooks.example.com/x")
     assert response.status_code == 503
     assert "broker" not in response.text
     job_id = int(api.raw.get(keys.JOB_SEQ) or 0)
     job = api.jobs.get(job_id)
     assert job is not None and job.status is JobStatus.FAILED
+    # The client never learned the id: no "failed" webhook announces it later.
+    assert job.webhook_status is WebhookStatus.NONE
+    assert api.raw.zscore(keys.WEBHOOKS_PENDING, job_id) is None
 
 
 def test_legacy_http_200_mode() -> None:
