@@ -1,0 +1,1 @@
+"""Operations tooling: deployment files and the benchmark suite (`python -m ops.bench`)."""
