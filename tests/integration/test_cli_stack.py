@@ -29,8 +29,9 @@ from dreamq.registry import load_registry
 from storage import keys
 from storage.apikeys import ApiKeyStore
 from storage.eta import DurationRecorder
-from storage.jobs import JobStore, NewJob, new_lease_token
+from storage.jobs import JobStore, new_lease_token
 from storage.workers import WorkerRecord, WorkerStore
+from tests.support.jobs import new_job
 from tests.support.processes import Deadline, RedisServer, dreamq_command, redis_server
 
 pytestmark = pytest.mark.integration
@@ -81,10 +82,8 @@ class Cli:
         return JobStore(self.client, ttl_seconds=3600)
 
     def new_job(self, owner: str = "k-owner", webhook: str | None = None) -> int:
-        job = NewJob(
+        job = new_job(
             owner=owner,
-            model_id="demo",
-            kind="txt2img",
             params={"prompt": "a fox"},
             meta={"prompt": "a fox"},
             file_prefix="f",

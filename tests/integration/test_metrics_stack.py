@@ -11,26 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import Deadline, JobEvents, RedisServer, free_port
 from tests.support.profile import QUICK, ProfileFactory
+from tests.unit.test_metrics import Samples, parse, value
 
 pytestmark = pytest.mark.integration
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 def scrape_until(url: str, test: Callable[[Samples], bool], timeout: float = 15) -> Samples:

@@ -19,8 +19,9 @@ from dreamq.queue import CeleryPublisher, make_celery
 from dreamq.registry import Registry
 from dreamq.settings import Settings
 from storage.apikeys import ApiKeyStore
-from storage.jobs import JobStore, NewJob
+from storage.jobs import JobStore
 from storage.objects import MemoryObjectStore
+from tests.support.jobs import new_job
 from tests.support.processes import (
     JobEvents,
     RedisServer,
@@ -47,16 +48,11 @@ class Hooks:
 
     def finished_job(self) -> int:
         job_id = self.jobs.create(
-            NewJob(
+            new_job(
                 owner=self.owner,
-                model_id="demo",
-                kind="txt2img",
-                params={},
                 meta={"prompt": "a fox"},
                 file_prefix="abc",
                 future_links=["http://testserver/files/abc-0.png"],
-                predicted_seconds=1.0,
-                eta_seconds=1.0,
                 webhook=self.receiver.url,
                 track_id="order-9",
             )

@@ -17,6 +17,7 @@ from storage.jobs import (
     lease_owner,
     new_lease_token,
 )
+from tests.support.jobs import new_job
 
 LEASE = 30
 
@@ -26,23 +27,12 @@ def store(client: redis.Redis) -> JobStore:
     return JobStore(client, ttl_seconds=3600, lease_seconds=LEASE, max_attempts=2)
 
 
-def new_job() -> NewJob:
-    return NewJob(
-        owner="key-1",
-        model_id="demo",
-        kind="txt2img",
-        params={},
-        meta={},
-        file_prefix="p",
-        future_links=[],
-        predicted_seconds=1.0,
-        eta_seconds=1.0,
-        webhook="https://hooks.test/x",
-    )
+def a_job() -> NewJob:
+    return new_job(webhook="https://hooks.test/x")
 
 
 def test_claim_takes_a_lease_with_a_ttl(store: JobStore, client: redis.Redis) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     claim = store.acquire(job_id, "host:1:a")
     assert claim.outcome is ClaimOutcome.CLAIMED
     assert claim.job is not None
@@ -52,7 +42,7 @@ def test_claim_takes_a_lease_with_a_ttl(store: JobStore, client: redis.Redis) ->
 
 
 def test_a_duplicate_delivery_leaves_a_leased_job_alone(store: JobStore) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     store.acquire(job_id, "host:1:a")
     before = store.get(job_id)
     duplicate = store.acquire(job_id, "host:2:b")
@@ -62,7 +52,7 @@ def test_a_duplicate_delivery_leaves_a_leased_job_alone(store: JobStore) -> None
 
 
 def test_only_the_holder_finishes(store: JobStore, client: redis.Redis) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     store.acquire(job_id, "host:1:a")
     assert not store.succeed(job_id, output=["x"], generation_time=1.0, lease="host:2:b")
     assert not store.fail(job_id, "stale", lease="host:2:b")
@@ -76,7 +66,7 @@ def test_only_the_holder_finishes(store: JobStore, client: redis.Redis) -> None:
 def test_a_stale_worker_cannot_overwrite_after_its_lease_expired(
     store: JobStore, client: redis.Redis
 ) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     store.acquire(job_id, "host:1:old")
     client.delete(keys.job_lease(job_id))  # what the TTL does when the worker died
     claim = store.acquire(job_id, "host:2:new")
@@ -89,7 +79,7 @@ def test_a_stale_worker_cannot_overwrite_after_its_lease_expired(
 
 
 def test_a_job_out_of_attempts_is_failed_once(store: JobStore, client: redis.Redis) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     for _ in range(2):
         assert store.acquire(job_id, "host:1:a").outcome is ClaimOutcome.CLAIMED
         client.delete(keys.job_lease(job_id))  # the process died each time
@@ -105,7 +95,7 @@ def test_a_job_out_of_attempts_is_failed_once(store: JobStore, client: redis.Red
 
 
 def test_main_process_frees_only_its_dead_process_lease(store: JobStore) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     store.acquire(job_id, lease_owner(41, "host") + "x")
     assert not store.release_lease(job_id, lease_owner(4, "host"))  # pid 4 is not pid 41
     assert not store.release_lease(job_id, lease_owner(41, "other"))
@@ -114,7 +104,7 @@ def test_main_process_frees_only_its_dead_process_lease(store: JobStore) -> None
 
 
 def test_main_process_fails_the_job_it_killed(store: JobStore) -> None:
-    job_id = store.create(new_job())
+    job_id = store.create(a_job())
     store.acquire(job_id, lease_owner(41, "host") + "x")
     assert not store.fail(job_id, "timeout", owner=lease_owner(42, "host"))
     assert store.fail(job_id, "timeout", owner=lease_owner(41, "host"))

@@ -47,6 +47,7 @@ from dreamq.contract import FailedResponse, FetchProcessingResponse, SuccessResp
 from storage import keys
 from storage.jobs import ClaimOutcome, JobRecord, JobStatus, JobStore, NewJob, WebhookStatus
 from storage.jobs import lease_owner as owner_prefix
+from tests.support.jobs import new_job
 from workers.reconciler import BrokerContents, Reconciler
 from workers.supervision import TIMEOUT_FAILURE
 from workers.webhooks import Delivery, Response, RetryPolicy, WebhookDispatcher, delivery_id
@@ -507,16 +508,9 @@ class Lifecycle(RuleBasedStateMachine):
 
 
 def _new_job(webhook: str | None) -> NewJob:
-    return NewJob(
-        owner="key-1",
-        model_id="demo",
-        kind="txt2img",
-        params={},
+    return new_job(
         meta={"prompt": "a fox"},
-        file_prefix="p",
         future_links=["https://cdn.example.com/p-0.png"],
-        predicted_seconds=1.0,
-        eta_seconds=1.0,
         webhook=webhook,
         track_id="t",
     )

@@ -16,9 +16,10 @@ from api.app import Overrides, create_app
 from api.metrics import FleetReader, FleetSnapshot
 from dreamq.queue import RecordingPublisher
 from dreamq.settings import Settings
-from storage.jobs import AsyncJobStore, JobStore, NewJob
+from storage.jobs import AsyncJobStore, JobStore
 from storage.objects import MemoryObjectStore
 from storage.workers import WorkerRecord, WorkerStore
+from tests.support.jobs import new_job
 from tests.support.processes import free_port
 from tests.unit.test_api import REGISTRY, build, txt2img
 from workers.metrics import WorkerMetrics
@@ -44,20 +45,6 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-def new_job(model_id: str = "demo") -> NewJob:
-    return NewJob(
-        owner="k1",
-        model_id=model_id,
-        kind="txt2img",
-        params={},
-        meta={},
-        file_prefix="p",
-        future_links=[],
-        predicted_seconds=1.0,
-        eta_seconds=1.0,
-    )
 
 
 def test_requests_are_labelled_by_route_template_never_the_raw_path() -> None:
@@ -102,9 +89,9 @@ def test_a_body_over_the_cap_is_counted() -> None:
 def test_fleet_gauges_from_redis() -> None:
     with build() as api:
         jobs = JobStore(api.raw, ttl_seconds=60)
-        queued = [jobs.create(new_job()) for _ in range(3)]
+        queued = [jobs.create(new_job(owner="k1")) for _ in range(3)]
         assert jobs.claim(queued[0]) is not None  # processing
-        finished = jobs.create(new_job())
+        finished = jobs.create(new_job(owner="k1"))
         jobs.claim(finished)
         jobs.succeed(finished, output=[], generation_time=1.0, meta={})
         # kombu's Redis lists: the queue itself and its priority lists.

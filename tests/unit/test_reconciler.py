@@ -16,7 +16,8 @@ import redis
 
 from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, RecordingPublisher
 from storage import keys
-from storage.jobs import JobStatus, JobStore, Lease, NewJob, WebhookStatus, new_lease_token
+from storage.jobs import JobStatus, JobStore, Lease, WebhookStatus, new_lease_token
+from tests.support.jobs import new_job
 from workers.reconciler import (
     BrokerContents,
     FleetLock,
@@ -65,20 +66,7 @@ class World:
     reconciler: Reconciler
 
     def create(self, webhook: str | None = None, queue: str = "") -> int:
-        job = NewJob(
-            owner="key-1",
-            model_id="demo",
-            kind="txt2img",
-            params={},
-            meta={},
-            file_prefix="p",
-            future_links=[],
-            predicted_seconds=1.0,
-            eta_seconds=1.0,
-            webhook=webhook,
-            queue=queue,
-        )
-        return self.jobs.create(job)
+        return self.jobs.create(new_job(webhook=webhook, queue=queue))
 
     def passes(self, n: int = 2) -> Any:
         report = None

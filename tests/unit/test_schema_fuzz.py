@@ -43,6 +43,7 @@ from api.routes import (
 )
 from storage.apikeys import ApiKeyStore
 from storage.jobs import NewJob
+from tests.support.jobs import new_job
 from tests.unit.test_api import REGISTRY, Api, build
 
 POST_PATHS = (
@@ -116,16 +117,8 @@ def _jobs_in_every_state(api: Api) -> list[int]:
 
 
 def _new_job(owner: str) -> NewJob:
-    return NewJob(
-        owner=owner,
-        model_id="demo",
-        kind="txt2img",
-        params={},
-        meta={"prompt": "a fox"},
-        file_prefix="p",
-        future_links=["https://cdn.example.com/p-0.png"],
-        predicted_seconds=1.0,
-        eta_seconds=1.0,
+    return new_job(
+        owner=owner, meta={"prompt": "a fox"}, future_links=["https://cdn.example.com/p-0.png"]
     )
 
 

@@ -23,7 +23,8 @@ from dreamq.outbound import BlockedUrl
 from dreamq.settings import Settings, parse_retry_schedule
 from dreamq.signing import new_secret
 from storage.apikeys import ApiKeyStore
-from storage.jobs import JobStore, NewJob, WebhookStatus
+from storage.jobs import JobStore, WebhookStatus
+from tests.support.jobs import new_job
 from tests.support.ssrf import (
     R16_ADDRESS_URLS,
     R16_ADDRESSES,
@@ -102,16 +103,11 @@ def owner(api_keys: ApiKeyStore) -> str:
 
 def finished_job(jobs: JobStore, owner: str, webhook: str | None = HOOK) -> int:
     job_id = jobs.create(
-        NewJob(
+        new_job(
             owner=owner,
-            model_id="demo",
-            kind="txt2img",
-            params={},
             meta={"prompt": "a fox"},
             file_prefix="abc",
             future_links=["https://out.test/abc-0.png"],
-            predicted_seconds=1.0,
-            eta_seconds=1.0,
             webhook=webhook,
             track_id="order-1",
         )
