@@ -23,10 +23,19 @@ from api import errors
 from api.bodysize import BodySizeLimit
 from api.metrics import ApiMetrics, FleetReader
 from api.readiness import Readiness, broker_client, is_redis_url
+from api.redisclient import waiting_client
 from api.routes import router
 from api.service import DreamboothService
 from dreamq import __version__, logs
-from dreamq.queue import CeleryPublisher, Publisher, make_celery
+from dreamq.broker import transport_for
+from dreamq.queue import (
+    BROKER_SOCKET_OPTIONS,
+    AsyncPublisher,
+    CeleryPublisher,
+    RedisPublisher,
+    ThreadedPublisher,
+    make_celery,
+)
 from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
 from storage.apikeys import AsyncApiKeyStore
@@ -45,7 +54,8 @@ class Overrides:
     redis_client: aioredis.Redis | None = None
     registry: Registry | None = None
     objects: ObjectStore | None = None
-    publisher: Publisher | None = None
+    publisher: AsyncPublisher | None = None
+    """Else the direct Redis publisher (a Redis broker) or kombu in a thread (RabbitMQ)."""
     limiter_client: aioredis.Redis | None = None
     """The rate limiter's Redis; else DREAMQ_RATE_LIMIT_REDIS_URL's, else the job Redis."""
     limiter_clock: Callable[[], float] | None = None
@@ -54,10 +64,12 @@ class Overrides:
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
     parts = overrides or Overrides()
-    client = parts.redis_client or aioredis.Redis.from_url(settings.redis_url)
+    client = parts.redis_client or waiting_client(settings.redis_url)
     registry = parts.registry or _registry(settings)
     objects = parts.objects or open_object_store(settings)
-    publisher = parts.publisher or CeleryPublisher(make_celery(settings), settings)
+    publisher, publish_client = (
+        (parts.publisher, None) if parts.publisher else _publisher(settings, client)
+    )
     limiter_client = parts.limiter_client or _limiter_client(settings) or client
     broker_url = settings.effective_broker_url
     broker = broker_client(settings.redis_url, broker_url)
@@ -71,6 +83,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             await limiter_client.aclose()
         if broker is not None:
             await broker.aclose()
+        if publish_client is not None:
+            await publish_client.aclose()
 
     app = FastAPI(
         title="dreamq",
@@ -82,6 +96,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         BodySizeLimit, max_bytes=settings.body_limit, legacy_http_200=settings.legacy_http_200
     )
     app.state.settings = settings
+    app.state.publisher = publisher  # which one the settings chose: tests look
     app.state.service = DreamboothService(
         settings=settings,
         redis_client=client,
@@ -154,6 +169,24 @@ def _expired(key: str, path: Path) -> bool:
     if not key.startswith(TEMP_PREFIX):
         return False
     return time.time() - path.stat().st_mtime > TEMP_LIFETIME_SECONDS
+
+
+def _publisher(
+    settings: Settings, client: aioredis.Redis
+) -> tuple[AsyncPublisher, aioredis.Redis | None]:
+    """The API's publisher, and the broker client it opened (to close at shutdown) if any.
+
+    A Redis broker gets the direct `RedisPublisher`: over the API's own client when the broker
+    is the job Redis, else over a client of its own with kombu's socket timeouts, so a broker
+    that vanished fails a request in seconds instead of hanging it. Any other broker (RabbitMQ)
+    gets kombu's `send_task`, in a thread."""
+    url = settings.effective_broker_url
+    if transport_for(url) is None:
+        return ThreadedPublisher(CeleryPublisher(make_celery(settings), settings)), None
+    if url == settings.redis_url:
+        return RedisPublisher(client, settings.generate_queue), None
+    broker = waiting_client(url, **BROKER_SOCKET_OPTIONS)
+    return RedisPublisher(broker, settings.generate_queue), broker
 
 
 def _limiter_client(settings: Settings) -> aioredis.Redis | None:

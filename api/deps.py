@@ -9,7 +9,9 @@ from fastapi import Depends, Request
 from api.service import DreamboothService
 
 
-def _service(request: Request) -> DreamboothService:
+async def _service(request: Request) -> DreamboothService:
+    # async although it awaits nothing: FastAPI runs a plain `def` dependency in its thread
+    # pool, a thread hop (and a wake-up of the event loop) on every request for one attribute.
     service: DreamboothService = request.app.state.service
     return service
 

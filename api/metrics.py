@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dreamq import logs
+from dreamq import lanes, logs
 from storage import keys
 from storage.jobs import AsyncJobStore, JobStatus
 from storage.workers import WorkerRecord
@@ -36,8 +36,8 @@ OTHER_ROUTE = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 
 # kombu's Redis transport keeps a queue in one list per priority step: `queue`, then
-# `queue\x06\x163`, ... (kombu.transport.redis: PRIORITY_STEPS and Channel.sep).
-_KOMBU_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+# `queue\x06\x163`, ... (dreamq publishes its priority levels there, dreamq/lanes.py).
+_KOMBU_PRIORITY_SUFFIXES = tuple(lanes.list_name("", level) for level in range(lanes.LEVELS))
 
 
 class HttpMetrics:

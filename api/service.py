@@ -13,7 +13,7 @@ from typing import Any
 import anyio.to_thread
 import redis.asyncio as aioredis
 
-from dreamq import logs
+from dreamq import lanes, logs
 from dreamq.capabilities import refusals
 from dreamq.contract import (
     DEFAULT_FPS,
@@ -50,12 +50,12 @@ from dreamq.jobparams import (
     OutputFormat,
 )
 from dreamq.outbound import Network, early_refusal, parse_cidrs
-from dreamq.queue import Publisher
+from dreamq.queue import AsyncPublisher
 from dreamq.registry import Registry
 from dreamq.settings import PlanLimits, Settings
 from storage import eta, keys
 from storage.apikeys import AsyncApiKeyStore, KeyInfo
-from storage.jobs import AsyncJobStore, NewJob, UnfinishedCapReached
+from storage.jobs import AsyncJobStore, JobStatus, NewJob, UnfinishedCapReached
 from storage.layout import input_key, output_key
 from storage.limits import RateLimiter, fingerprint
 from storage.objects import ObjectStore
@@ -76,7 +76,7 @@ class DreamboothService:
         api_keys: AsyncApiKeyStore,
         registry: Registry,
         objects: ObjectStore,
-        publisher: Publisher,
+        publisher: AsyncPublisher,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -130,15 +130,17 @@ class DreamboothService:
             for i in range(params.outputs)
         ]
         meta = _meta(request.model_id, params, request, file_prefix)
-        units = eta.work_units(
-            params.width or DEFAULTS["width"],
-            params.height or DEFAULTS["height"],
-            params.steps,
-            params.samples * (params.num_frames or 1),
+        shape = job_shape(params)
+        view = await eta.read_submission(
+            self._redis, request.model_id, shape, self._clock(), owner.id
         )
-        inputs = await eta.read_inputs(self._redis, request.model_id, self._clock())
-        run_seconds = eta.predicted_run_seconds(inputs, units, self._settings.default_eta_seconds)
-        eta_seconds = eta.estimate(inputs, run_seconds, self._settings.default_eta_seconds)
+        level = 0
+        if self._settings.priority_levels:
+            level = lanes.level(plan.priority, view.unfinished, self._settings.fair_backlog)
+        inputs = view.at_level(level)
+        default = self._settings.default_eta_seconds
+        run_seconds = eta.predict_run_seconds(inputs.stats, shape, default)
+        eta_seconds = eta.estimate(inputs, run_seconds)
         marker = await self._not_a_duplicate(owner, kind, request)
         job_id = await self._create(
             NewJob(
@@ -155,12 +157,13 @@ class DreamboothService:
                 webhook=request.webhook,
                 track_id=request.track_id,
                 queue=self._settings.generate_queue,
+                level=level,
             ),
             plan=plan,
             marker=marker,
             retry_after=run_seconds,
         )
-        await self._publish(job_id, marker)
+        await self._publish(job_id, level, marker)
         return ProcessingResponse(
             eta=eta_seconds,
             fetch_result=f"{self._settings.public_url}/api/v4/dreambooth/fetch/{job_id}",
@@ -200,7 +203,13 @@ class DreamboothService:
         # difference would let a key enumerate the others' traffic.
         if job is None or job.owner != owner.id:
             raise JobNotFound()
-        return job_body(job, self._clock(), self._objects.present)
+        now = self._clock()
+        waiting = None
+        if job.status is JobStatus.QUEUED:
+            # The work queued ahead of it now, not what was ahead at submission.
+            inputs = await eta.read_inputs_ahead_of(self._redis, job.id, job.model_id, now)
+            waiting = (eta.estimate(inputs, job.predicted_seconds), inputs.ahead + 1)
+        return job_body(job, now, self._objects.present, waiting)
 
     def _plan(self, owner: KeyInfo) -> PlanLimits:
         stale = owner.plan is not None and owner.plan not in self._settings.plans
@@ -253,9 +262,10 @@ class DreamboothService:
         if self._limiter is not None:
             await self._limiter.forget(marker)
 
-    async def _publish(self, job_id: int, marker: str | None = None) -> None:
+    async def _publish(self, job_id: int, level: int, marker: str | None = None) -> None:
         try:
-            await anyio.to_thread.run_sync(self._publisher.publish_job, job_id)
+            # On the event loop: the direct Redis publisher, or kombu in a thread (RabbitMQ).
+            await self._publisher.publish_job(job_id, level)
         except Exception:
             # The record exists; fail it so a fetch tells the truth instead of "processing" forever.
             log.exception("publishing job %s failed", job_id)
@@ -471,6 +481,18 @@ def _meta(
                 # A base64 input is not echoed back: it is the client's own bytes, often MBs.
                 meta[field] = ref.url if ref.url else "base64"
     return meta
+
+
+def job_shape(params: JobParams) -> eta.Shape:
+    """The statistics' key for a job: a size the request left to the init image counts as the
+    default size (the worker learns it under the size it generated)."""
+    return eta.Shape(
+        kind=params.kind,
+        width=params.width or DEFAULTS["width"],
+        height=params.height or DEFAULTS["height"],
+        steps=params.steps,
+        samples=params.samples * (params.num_frames or 1),
+    )
 
 
 def _yes(value: bool) -> str:

@@ -160,7 +160,7 @@ def cmd_jobs_requeue(args: argparse.Namespace) -> int:
         print(f"job {job.id} has a message in the broker (waiting or held by a consumer): not "
               "published again; --force publishes a second one", file=sys.stderr)  # fmt: skip
         return 1
-    CeleryPublisher(make_celery(settings), settings).publish_job(job.id)
+    CeleryPublisher(make_celery(settings), settings).publish_job(job.id, job.level)
     print(f"published job {job.id} ({job.status.value}, {job.attempts} attempt(s) so far) to "
           f"queue {settings.generate_queue} again")  # fmt: skip
     return 0

@@ -584,6 +584,11 @@ class FetchProcessingResponse(_Response):
     status: Literal["processing"] = "processing"
     id: int
     eta: float
+    queue_position: int = Field(
+        default=0,
+        description="[dreamq] 1 for the next job a worker takes, 2 behind it, ...; 0 once a "
+        "worker runs it",
+    )
     messege: str = "try again later."  # [compat]
     message: str = "try again later."
     output: str = ""  # [compat] an empty string here on the hosted service, not a list
@@ -625,10 +630,16 @@ def _same(link: str) -> str:
     return link
 
 
-def job_body(job: JobRecord, now: float, present: Callable[[str], str] = _same) -> FetchResponse:
+def job_body(
+    job: JobRecord,
+    now: float,
+    present: Callable[[str], str] = _same,
+    waiting: tuple[float, int] | None = None,
+) -> FetchResponse:
     """The fetch body of a job; the webhook body is this plus track_id. `present` turns the
     record's canonical output links into the ones given out now (presigned for a private
-    bucket)."""
+    bucket). `waiting`: a queued job's current estimate and queue position (storage/eta.py);
+    without it a queued job answers the estimate it was given at submission."""
     if job.status is JobStatus.SUCCESS:
         return SuccessResponse(
             generationTime=job.generation_time or 0.0,
@@ -640,6 +651,9 @@ def job_body(job: JobRecord, now: float, present: Callable[[str], str] = _same) 
     if job.status is JobStatus.FAILED:
         reason = job.error or "generation failed"
         return FailedResponse(id=job.id, message=reason, messege=reason)
+    if job.status is JobStatus.QUEUED and waiting is not None:
+        eta, position = waiting
+        return FetchProcessingResponse(id=job.id, eta=eta, queue_position=position)
     return FetchProcessingResponse(id=job.id, eta=job.remaining_seconds(now))
 
 

@@ -7,15 +7,44 @@ so a worker that dies mid-job gives its message back to the broker.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import logging
+import uuid
 from typing import Protocol
 
+import anyio.to_thread
+import redis.asyncio as aioredis
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 
+from dreamq import lanes
 from dreamq.broker import transport_for
 from dreamq.settings import Settings
 
+log = logging.getLogger("dreamq.queue")
+
 GENERATE_TASK = "dreamq.generate"
 WEBHOOK_TASK = "dreamq.deliver_webhook"
+
+BROKER_SOCKET_OPTIONS: dict[str, float] = {
+    # Redis transport (AMQP ignores these). A broker gone without closing the connection
+    # (failover, NAT or firewall drop) must fail a publish or an ack within 10 s instead
+    # of blocking the API request or the worker's main loop for ever.
+    "socket_timeout": 10.0,
+    # Connecting to a vanished host fails in 10 s, not after the kernel's ~2 min of SYNs,
+    # so the reconnect loop keeps its 30 s pace.
+    "socket_connect_timeout": 10.0,
+    # kombu drops a BRPOP connection whose answer is overdue (half-open) after
+    # brpop_timeout (1 s) + 2 x this (21 s instead of 51 s with the default 25), and
+    # redis-py pings a pooled connection idle this long before using it.
+    "health_check_interval": 10,
+}
+"""The broker connections' timeouts: kombu's (workers, `CeleryPublisher`) and the API's direct
+Redis publisher's alike."""
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -57,17 +86,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_throttle": 1,
-            # Redis transport (AMQP ignores these). A broker gone without closing the connection
-            # (failover, NAT or firewall drop) must fail a publish or an ack within 10 s instead
-            # of blocking the API request or the worker's main loop for ever.
-            "socket_timeout": 10.0,
-            # Connecting to a vanished host fails in 10 s, not after the kernel's ~2 min of SYNs,
-            # so the reconnect loop keeps its 30 s pace.
-            "socket_connect_timeout": 10.0,
-            # kombu drops a BRPOP connection whose answer is overdue (half-open) after
-            # brpop_timeout (1 s) + 2 x this (21 s instead of 51 s with the default 25), and
-            # redis-py pings a pooled connection idle this long before using it.
-            "health_check_interval": 10,
+            **BROKER_SOCKET_OPTIONS,
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         visibility_timeout=settings.visibility_timeout,
@@ -82,11 +101,21 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class Publisher(Protocol):
-    """Hands work to the broker. The job record is always written before a publish."""
+    """Hands work to the broker. The job record is always written before a publish.
 
-    def publish_job(self, job_id: int) -> None: ...
+    Synchronous: the workers, the dispatcher and the CLI publish from plain code."""
+
+    def publish_job(self, job_id: int, level: int = 0) -> None:
+        """Queue the job at its priority level (the record's `level`, dreamq/lanes.py)."""
+        ...
 
     def publish_webhook(self, job_id: int) -> None: ...
+
+
+class AsyncPublisher(Protocol):
+    """The API's publisher: awaited on the event loop, once per accepted job."""
+
+    async def publish_job(self, job_id: int, level: int = 0) -> None: ...
 
 
 class CeleryPublisher:
@@ -95,11 +124,146 @@ class CeleryPublisher:
         self._generate_queue = settings.generate_queue
         self._webhook_queue = settings.webhook_queue
 
-    def publish_job(self, job_id: int) -> None:
-        self._app.send_task(GENERATE_TASK, args=[job_id], queue=self._generate_queue)
+    def publish_job(self, job_id: int, level: int = 0) -> None:
+        # Level 0 without a priority: on RabbitMQ (always level 0) the message is the same as
+        # before lanes existed. kombu's Redis transport files it under the list of its priority.
+        priority = {"priority": lanes.broker_priority(level)} if level else {}
+        self._app.send_task(GENERATE_TASK, args=[job_id], queue=self._generate_queue, **priority)
 
     def publish_webhook(self, job_id: int) -> None:
         self._app.send_task(WEBHOOK_TASK, args=[job_id], queue=self._webhook_queue)
+
+
+class ThreadedPublisher:
+    """A synchronous publisher made awaitable: kombu blocks, so it runs in a worker thread.
+    The API's publisher for a broker that is not Redis (RabbitMQ)."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    async def publish_job(self, job_id: int, level: int = 0) -> None:
+        await anyio.to_thread.run_sync(self._publisher.publish_job, job_id, level)
+
+
+class RedisPublisher:
+    """Publishes a job to a Redis broker by pushing the Celery message itself.
+
+    `send_task` builds a protocol-2 message through several layers (routing, signals, kombu's
+    producer and channel) and blocks, so the API ran it in a worker thread: a thread hop and
+    about a third of an accept's CPU time. With kombu's Redis transport, publishing to the
+    default exchange is one LPUSH of a JSON envelope onto the list named after the queue
+    (`Channel._put`), which is all this does, on the API's own event loop. The message is the
+    one `send_task` writes for the same task, arguments and queue (tests/unit/test_queue.py
+    compares them field by field), so workers cannot tell the two apart. The queue's binding
+    (what kombu's declaration writes the first time a connection publishes to it) is written
+    with the first message.
+    """
+
+    def __init__(self, client: aioredis.Redis, queue: str) -> None:
+        self._client = client
+        self._queue = queue
+        self._origin = anon_nodename()
+        """`gen<pid>@<host>`: who published, as Celery names a process that is no worker."""
+        self._reply_to = str(uuid.uuid4())
+        """Celery's per-publisher return address; results are ignored, nobody reads it."""
+        self._declared = False
+
+    async def publish_job(self, job_id: int, level: int = 0) -> None:
+        message = task_message(
+            GENERATE_TASK,
+            [job_id],
+            self._queue,
+            origin=self._origin,
+            reply_to=self._reply_to,
+            priority=lanes.broker_priority(level),
+        )
+        # As kombu retries a publish (Celery's default task_publish_retry_policy): a connection
+        # the broker dropped (a restart, a failover, a blip) fails the first try, a fresh one
+        # succeeds. A timeout is not retried: the broker already had its 10 s.
+        for pause in (*PUBLISH_RETRY_PAUSES, None):
+            try:
+                await self._push(message, lanes.list_name(self._queue, level))
+                return
+            except MaxConnectionsError:
+                raise  # every connection busy: a full API, not a lost broker
+            except RedisConnectionError:
+                if pause is None:
+                    raise
+                log.warning("publishing to %s: connection lost, trying again", self._queue)
+                await asyncio.sleep(pause)
+
+    async def _push(self, message: bytes, name: str) -> None:
+        if self._declared:
+            await self._client.lpush(name, message)
+            return
+        # The binding kombu's queue declaration writes (`Channel._queue_bind`): `routing key,
+        # pattern, queue` for the default exchange. Workers write it too; nothing consumes by it.
+        member = KOMBU_SEP.join([self._queue, "", self._queue])
+        pipe = self._client.pipeline(transaction=False)
+        pipe.sadd(f"_kombu.binding.{self._queue}", member)
+        pipe.sadd(f"_kombu.binding_permanent.{self._queue}", member)
+        pipe.lpush(name, message)
+        await pipe.execute()
+        self._declared = True
+
+
+PUBLISH_RETRY_PAUSES = (0.0, 0.2, 0.4)
+"""Seconds before each retry of a publish whose connection was lost: Celery's default
+task_publish_retry_policy (3 retries, 0 s then 0.2 s more each time)."""
+
+KOMBU_SEP = "\x06\x16"
+"""kombu's Redis transport separator (`Channel.sep`) in binding members and priority lists."""
+
+
+def task_message(
+    task: str, args: list[int], queue: str, *, origin: str, reply_to: str, priority: int = 0
+) -> bytes:
+    """The JSON envelope kombu's Redis transport stores for a Celery protocol-2 task message,
+    as `send_task(task, args=args, queue=queue)` writes it with dreamq's Celery settings (JSON,
+    results ignored, no ETA, expiry or time limits in the message: workers apply their own).
+
+    Headers and embed: celery.app.amqp.AMQP.as_task_v2; properties: kombu's Producer.publish
+    and virtual.Channel.basic_publish (base64 body, a delivery tag per message, the default
+    exchange with the queue as routing key, priority 0 so the plain list)."""
+    task_id = str(uuid.uuid4())
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    body = json.dumps([args, {}, embed]).encode()
+    envelope = {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": task,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": repr(args),
+            "kwargsrepr": "{}",
+            "origin": origin,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": reply_to,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": priority,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(envelope).encode()
 
 
 class RecordingPublisher:
@@ -107,13 +271,30 @@ class RecordingPublisher:
 
     def __init__(self) -> None:
         self.jobs: list[int] = []
+        self.levels: list[int] = []
         self.webhooks: list[int] = []
         self.fail_with: Exception | None = None
 
-    def publish_job(self, job_id: int) -> None:
+    def publish_job(self, job_id: int, level: int = 0) -> None:
         if self.fail_with:
             raise self.fail_with
         self.jobs.append(job_id)
+        self.levels.append(level)
 
     def publish_webhook(self, job_id: int) -> None:
         self.webhooks.append(job_id)
+
+
+class AsyncRecordingPublisher:
+    """The API's in-memory twin for unit tests: remembers the jobs it would have published."""
+
+    def __init__(self) -> None:
+        self.jobs: list[int] = []
+        self.levels: list[int] = []
+        self.fail_with: Exception | None = None
+
+    async def publish_job(self, job_id: int, level: int = 0) -> None:
+        if self.fail_with:
+            raise self.fail_with
+        self.jobs.append(job_id)
+        self.levels.append(level)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dreamq.lanes import Lane
 from dreamq.signing import is_secret
 
 
@@ -33,6 +34,11 @@ class PlanLimits(BaseModel):
     )
     max_queued: int | None = Field(
         None, ge=1, description="Queued plus processing jobs a key may have at once."
+    )
+    priority: Lane = Field(
+        "normal",
+        description="The lane its keys' jobs wait in: high before normal before low "
+        "(dreamq/lanes.py).",
     )
 
     @model_validator(mode="after")
@@ -200,10 +206,16 @@ class Settings(BaseSettings):
     plans: Annotated[dict[str, PlanLimits], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_PLANS),
         description="JSON object of plan name -> limits (requests_per_minute, burst, "
-        "max_queued); a limit left out is not applied.",
+        "max_queued) and lane (priority: high, normal, low); a limit left out is not applied.",
     )
     default_plan: str = Field(
         "unlimited", description="The plan of a key created without --plan (and of older keys)."
+    )
+    fair_backlog: int = Field(
+        4,
+        ge=0,
+        description="A key with this many unfinished jobs queues its next ones one priority level "
+        "lower, behind other keys' fresh work of its lane; 0 turns fair sharing off.",
     )
     duplicate_window_seconds: int = Field(
         0,
@@ -337,6 +349,24 @@ class Settings(BaseSettings):
                 "second"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_lanes(self) -> Settings:
+        # Levels are kombu Redis message priorities; a RabbitMQ queue serves first come first.
+        if self.priority_levels:
+            return self
+        laned = sorted(name for name, plan in self.plans.items() if plan.priority != "normal")
+        if laned:
+            raise ValueError(
+                f"DREAMQ_PLANS: the priority of plan {laned[0]} needs a Redis broker; "
+                "DREAMQ_BROKER_URL is not Redis, so every job waits in one lane"
+            )
+        return self
+
+    @property
+    def priority_levels(self) -> bool:
+        """Whether jobs wait at priority levels (lanes, fair sharing): on a Redis broker."""
+        return self.effective_broker_url.startswith(("redis://", "rediss://", "unix://"))
 
     @property
     def soft_time_limit(self) -> float:

@@ -227,8 +227,17 @@ class AsyncApiKeyStore:
         self._r = client
 
     async def lookup(self, key: str | None) -> KeyInfo | None:
+        """The key's record, read afresh on every request (a revocation applies to the next
+        one): one HMGET of the fields a request needs, not the whole hash (its webhook secrets
+        are the dispatcher's business)."""
         if not key or not key.startswith(KEY_PREFIX) or len(key) > 128:
             return None
-        raw = await self._r.hgetall(keys.api_key(hash_key(key)))
-        info = _decode(raw) if raw else None
-        return info if info and not info.revoked else None
+        values = await self._r.hmget(keys.api_key(hash_key(key)), _LOOKUP_FIELDS)
+        if values[0] is None:  # no record: an unknown key
+            return None
+        info = _decode({f: v for f, v in zip(_LOOKUP_FIELDS, values, strict=True) if v is not None})
+        return None if info.revoked else info
+
+
+_LOOKUP_FIELDS = ("id", "name", "created_at", "revoked", "plan")
+"""What `_decode` reads of a key's record."""

@@ -1,19 +1,34 @@
-"""Honest ETAs from measured run times.
+"""Honest ETAs, learnt from measured run times.
 
-Workers report how long each job took; the store keeps, per model, an exponentially weighted mean
-of seconds per unit of work (samples x steps x megapixels-ish), and fleet-wide a mean job time.
-At submission:
+Workers report how long each job held them, by **shape**: (model, kind, width x height, steps,
+samples x frames). The store keeps, per model:
 
-    eta = jobs ahead x mean job time / live workers + this job's predicted run time
+- per shape, an exponentially weighted mean of the job's seconds (what a repeat of that shape will
+  take; most traffic repeats a few shapes);
+- per kind, decayed least-squares sums of seconds against work units (samples x steps x pixels
+  over 512²): a line ``a + b x units`` for shapes never seen, whose intercept is the fixed cost of
+  a job (text encoding, VAE decode, encoding, upload) that a pure per-unit rate gets wrong;
+- the last measured load time of its weights.
 
-Before any history the run time is the configured default. Later work (cold loads, routing,
-batching) refines `estimate`; the inputs are read in one Redis round trip.
+At submission the estimate is
+
+    eta = (work queued ahead + what the running jobs still need) / serving processes
+          + a cold load, when no live worker process holds the model
+          + this job's predicted run time
+
+where the queued work is the sum of the queued jobs' own predictions (kept by the job store's
+scripts, so the jobs ahead are counted at their own shapes), and the running jobs' remainder is
+read from their expected finishing times. A queued job's fetch recomputes the same sum over only
+the jobs ahead of it, with its queue position. Every input is read in one Redis round trip.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -23,12 +38,22 @@ from storage import keys
 ALPHA = 0.3
 """Weight of the newest observation: recent enough to follow load changes, smooth enough."""
 
+DECAY = 0.95
+"""Weight kept by the older observations of a line fit at each new one (about 20 jobs' memory)."""
+
 HEARTBEAT_TTL = 30.0
 """A worker whose last heartbeat is older than this is not counted as serving."""
 
 REFERENCE_PIXELS = 512 * 512
 
-# KEYS: hash. ARGV: field, observation, alpha.
+QUEUE_SCAN_LIMIT = 1000
+"""A queued job's fetch sums the predictions of at most this many jobs ahead and extrapolates
+beyond them: its cost stays bounded with a long queue."""
+
+MIN_SECONDS = 0.01
+
+# KEYS: hash. ARGV: field, observation, alpha, '1' to count the observation in the hash's `n`.
+# The field's new weighted mean.
 _EWMA = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local x = tonumber(ARGV[2])
@@ -36,8 +61,39 @@ local a = tonumber(ARGV[3])
 local new = x
 if old then new = a * x + (1 - a) * tonumber(old) end
 redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', new))
-redis.call('HINCRBY', KEYS[1], 'n', 1)
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'n', 1) end
 return tostring(new)
+"""
+
+# KEYS: hash. ARGV: field prefix, x, y, decay. Decayed sums n, x, xx, y, xy of a line fit.
+_FIT = """
+local p, x, y, d = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local function add(name, value)
+  local old = tonumber(redis.call('HGET', KEYS[1], p .. name) or '0') or 0
+  redis.call('HSET', KEYS[1], p .. name, string.format('%.9g', d * old + value))
+end
+add('n', 1)
+add('x', x)
+add('xx', x * x)
+add('y', y)
+add('xy', x * y)
+return 1
+"""
+
+# KEYS: queued set. ARGV: job id, job key prefix, scan limit. {jobs queued ahead, their predicted
+# seconds}: summed over the first `limit` of them, extrapolated at their mean beyond.
+_AHEAD = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return {0, '0'} end
+local before = '(' .. score
+local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', before)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, tonumber(ARGV[3]))
+local work = 0
+for _, id in ipairs(ids) do
+  work = work + (tonumber(redis.call('HGET', ARGV[2] .. id, 'predicted_seconds')) or 0)
+end
+if #ids > 0 and ahead > #ids then work = work * ahead / #ids end
+return {ahead, tostring(work)}
 """
 
 
@@ -45,42 +101,199 @@ def work_units(width: int, height: int, steps: int, samples: int) -> float:
     return samples * steps * (width * height) / REFERENCE_PIXELS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a job's run time depends on, as the statistics key it."""
+
+    kind: str
+    width: int
+    height: int
+    steps: int
+    samples: int
+    """Images generated: samples, times frames for a video."""
+
+    @property
+    def field(self) -> str:
+        return f"shape:{self.kind}:{self.width}x{self.height}:{self.steps}:{self.samples}"
+
+    @property
+    def units(self) -> float:
+        return work_units(self.width, self.height, self.steps, self.samples)
+
+
+_FIT_PARTS = ("n", "x", "xx", "y", "xy")
+
+
+def _fit_prefix(kind: str) -> str:
+    return f"fit:{kind}:"
+
+
+def _stat_fields(shape: Shape) -> list[str]:
+    prefix = _fit_prefix(shape.kind)
+    return [shape.field, *(prefix + part for part in _FIT_PARTS), "unit_seconds", "load_seconds"]
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == b"" or value == "":
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """One model's statistics as they bear on one shape."""
+
+    shape_seconds: float | None = None
+    """The weighted mean of this exact shape's jobs; None before one ran."""
+    fit: tuple[float, float, float, float, float] | None = None
+    """Decayed sums n, x, xx, y, xy of this kind's seconds against work units."""
+    unit_seconds: float | None = None
+    """The model's mean seconds per work unit over every kind (the oldest fallback)."""
+    load_seconds: float | None = None
+
+    @classmethod
+    def from_values(cls, values: Sequence[Any]) -> RunStats:
+        shape, n, x, xx, y, xy, unit, load = (_number(v) for v in values)
+        fit = None
+        if n is not None and x is not None and xx is not None and y is not None and xy is not None:
+            fit = (n, x, xx, y, xy)
+        return cls(shape, fit, unit, load)
+
+
+def predict_run_seconds(stats: RunStats, shape: Shape, default: float) -> float:
+    """This shape's run time: its own mean when it ran before; else the kind's fitted line (or,
+    with one size seen, the kind's seconds per unit); else the model's seconds per unit; else the
+    configured default."""
+    if stats.shape_seconds is not None:
+        return max(MIN_SECONDS, stats.shape_seconds)
+    units = shape.units
+    if stats.fit is not None and stats.fit[0] > 0:
+        n, sx, sxx, sy, sxy = stats.fit
+        mean_x, mean_y = sx / n, sy / n
+        spread = sxx / n - mean_x * mean_x
+        if n >= 1.5 and spread > 1e-9 * max(1.0, mean_x * mean_x):
+            slope = (sxy / n - mean_x * mean_y) / spread
+            if slope >= 0:
+                intercept = max(0.0, mean_y - slope * mean_x)
+                return max(MIN_SECONDS, intercept + slope * units)
+        if mean_x > 0:
+            return max(MIN_SECONDS, mean_y / mean_x * units)
+    if stats.unit_seconds is not None:
+        return max(MIN_SECONDS, stats.unit_seconds * units)
+    return default
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """The generation workers as they bear on a waiting job."""
+
+    processes: int
+    """Live worker processes (each runs one job at a time); at least 1, since a job waits for
+    one to start."""
+    running_left: float
+    """Seconds the running jobs are still expected to take, summed."""
+    warm: bool
+    """Whether a live worker process holds the job's model in memory."""
+
+
+@dataclass(frozen=True, slots=True)
 class EtaInputs:
-    ahead: int
-    """Jobs not yet finished that were accepted before this one."""
-    workers: int
-    """Workers with a fresh heartbeat (at least 1: a job waits for one to start)."""
-    unit_seconds: float | None
-    """This model's mean seconds per work unit; None before any history."""
-    job_seconds: float | None
-    """Fleet-wide mean seconds per job; None before any history."""
+    stats: RunStats
+    fleet: Fleet
+    queued_seconds: float
+    """Predicted seconds of the queued jobs (every one at submission; those ahead at fetch)."""
+    ahead: int = 0
+    """Queued jobs ahead (fetch only)."""
 
 
-def predicted_run_seconds(inputs: EtaInputs, units: float, default: float) -> float:
-    if inputs.unit_seconds is None:
-        return default
-    return max(0.01, inputs.unit_seconds * units)
+def estimate(inputs: EtaInputs, run_seconds: float) -> float:
+    fleet = inputs.fleet
+    wait = (inputs.queued_seconds + fleet.running_left) / fleet.processes
+    cold = 0.0 if fleet.warm else (inputs.stats.load_seconds or 0.0)
+    return round(wait + cold + run_seconds, 2)
 
 
-def estimate(inputs: EtaInputs, run_seconds: float, default: float) -> float:
-    per_job = inputs.job_seconds if inputs.job_seconds is not None else default
-    wait = inputs.ahead * per_job / max(1, inputs.workers)
-    return round(wait + run_seconds, 2)
-
-
-async def read_inputs(client: aioredis.Redis, model_id: str, now: float) -> EtaInputs:
-    pipe = client.pipeline(transaction=False)
-    pipe.zcard(keys.ACTIVE_JOBS)
+def _queue_pipeline(pipe: Any, model_id: str, fields: list[str], now: float) -> None:
+    pipe.hmget(keys.model_stats(model_id), fields)
+    pipe.zrange(keys.RUNNING_JOBS, 0, -1, withscores=True)
+    pipe.zrangebyscore(keys.WORKER_MODELS_EXPIRY, now, "+inf")
+    pipe.hgetall(keys.WORKER_MODELS)
     pipe.zcount(keys.WORKERS, now - HEARTBEAT_TTL, "+inf")
-    pipe.hget(keys.model_stats(model_id), "unit_seconds")
-    pipe.hget(keys.STATS_ALL, "job_seconds")
-    ahead, workers, unit, job = await pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fleet(
+    model_id: str,
+    now: float,
+    running: Sequence[tuple[Any, float]],
+    live: Sequence[Any],
+    models: Mapping[Any, Any],
+    serving_nodes: int,
+) -> Fleet:
+    names = {_text(name) for name in live}
+    warm = False
+    for name, listed in models.items():
+        if _text(name) in names and model_id in json.loads(listed):
+            warm = True
+            break
+    # Every live pool process of a generation worker publishes its model list (even empty): the
+    # count of them is the parallelism. Workers too old to publish are counted per node.
+    processes = max(1, len(names) or serving_nodes)
+    left = sum(max(0.0, float(finish) - now) for _, finish in running)
+    return Fleet(processes=processes, running_left=left, warm=warm)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionView:
+    """What a new job's estimate needs, before its priority level is known."""
+
+    stats: RunStats
+    fleet: Fleet
+    queued_by_level: Mapping[int, float]
+    """Predicted seconds of the queued jobs, by priority level."""
+    unfinished: int
+    """The submitting key's queued and running jobs (its fair-share level depends on it)."""
+
+    def at_level(self, level: int) -> EtaInputs:
+        """The inputs for a job of `level`: the work queued at its level and the ones before."""
+        queued = sum(seconds for lane, seconds in self.queued_by_level.items() if lane <= level)
+        return EtaInputs(self.stats, self.fleet, max(0.0, queued))
+
+
+async def read_submission(
+    client: aioredis.Redis, model_id: str, shape: Shape, now: float, owner: str
+) -> SubmissionView:
+    """What a new job's estimate needs, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    _queue_pipeline(pipe, model_id, _stat_fields(shape), now)
+    pipe.hgetall(keys.QUEUED_WORK)
+    pipe.zcard(keys.unfinished_jobs(owner))
+    stats, running, live, models, nodes, work, unfinished = await pipe.execute()
+    return SubmissionView(
+        stats=RunStats.from_values(stats),
+        fleet=_fleet(model_id, now, running, live, models, int(nodes)),
+        queued_by_level={int(level): float(seconds) for level, seconds in work.items()},
+        unfinished=int(unfinished),
+    )
+
+
+async def read_inputs_ahead_of(
+    client: aioredis.Redis, job_id: int, model_id: str, now: float
+) -> EtaInputs:
+    """What a queued job's fetch needs: the jobs queued ahead of it, not behind, and whether its
+    model will need loading (its own run time is the prediction in its record)."""
+    pipe = client.pipeline(transaction=False)
+    _queue_pipeline(pipe, model_id, ["load_seconds"], now)
+    pipe.eval(_AHEAD, 1, keys.QUEUED_JOBS, job_id, keys.job(0)[:-1], QUEUE_SCAN_LIMIT)
+    (load,), running, live, models, nodes, (ahead, work) = await pipe.execute()
     return EtaInputs(
+        stats=RunStats(load_seconds=_number(load)),
+        fleet=_fleet(model_id, now, running, live, models, int(nodes)),
+        queued_seconds=max(0.0, float(work)),
         ahead=int(ahead),
-        workers=max(1, int(workers)),
-        unit_seconds=float(unit) if unit else None,
-        job_seconds=float(job) if job else None,
     )
 
 
@@ -96,12 +309,27 @@ class DurationRecorder:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
         self._ewma = client.register_script(_EWMA)
+        self._fit = client.register_script(_FIT)
 
-    def record(self, model_id: str, units: float, run_seconds: float, job_seconds: float) -> None:
+    def record(
+        self,
+        model_id: str,
+        units: float,
+        run_seconds: float,
+        job_seconds: float,
+        shape: Shape | None = None,
+    ) -> None:
+        """`run_seconds`: the work a warm worker repeats (pipeline and post-processing);
+        `job_seconds`: how long the job held the worker, which is what the queue waits on and
+        what the shape statistics learn."""
+        stats = keys.model_stats(model_id)
         if units > 0:
             per_unit = run_seconds / units
-            self._ewma(keys=[keys.model_stats(model_id)], args=["unit_seconds", per_unit, ALPHA])
-        self._ewma(keys=[keys.STATS_ALL], args=["job_seconds", job_seconds, ALPHA])
+            self._ewma(keys=[stats], args=["unit_seconds", per_unit, ALPHA, "1"])
+        if shape is not None:
+            self._ewma(keys=[stats], args=[shape.field, job_seconds, ALPHA, "0"])
+            self._fit(keys=[stats], args=[_fit_prefix(shape.kind), shape.units, job_seconds, DECAY])
+        self._ewma(keys=[keys.STATS_ALL], args=["job_seconds", job_seconds, ALPHA, "1"])
 
     def record_load(self, model_id: str, seconds: float) -> None:
         self._r.hset(keys.model_stats(model_id), "load_seconds", f"{seconds:.3f}")

@@ -83,6 +83,8 @@ class NewJob:
     re-drives it, no other."""
     owner_name: str = ""
     """The owner key's name (never the key): workers log it on the job's lines."""
+    level: int = 0
+    """Its priority level (dreamq/lanes.py): 0 is served first."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,15 @@ class JobRecord:
     finished_at: float | None = None
     output: list[str] = field(default_factory=list)
     generation_time: float | None = None
+    pipeline_time: float | None = None
+    """Of `generation_time`, the seconds inside the pipeline calls alone (worker-side figures;
+    never on the wire)."""
     error: str | None = None
     attempts: int = 0
     webhook_status: WebhookStatus = WebhookStatus.NONE
     queue: str = ""
     owner_name: str = ""
+    level: int = 0
 
     def remaining_seconds(self, now: float) -> float:
         """Seconds until the output is expected: from the submission estimate while queued,
@@ -123,7 +129,7 @@ class JobRecord:
 
 _JSON_FIELDS = ("params", "meta", "future_links", "output", "track_id")
 _FLOAT_FIELDS = ("created_at", "updated_at", "eta_at", "predicted_seconds")
-_OPTIONAL_FLOAT_FIELDS = ("started_at", "finished_at", "generation_time")
+_OPTIONAL_FLOAT_FIELDS = ("started_at", "finished_at", "generation_time", "pipeline_time")
 
 
 def _encode(values: dict[str, Any]) -> list[str]:
@@ -166,22 +172,27 @@ def decode(raw: dict[str, str]) -> JobRecord:
         finished_at=opt_float("finished_at"),
         output=json.loads(raw["output"]) if raw.get("output") else [],
         generation_time=opt_float("generation_time"),
+        pipeline_time=opt_float("pipeline_time"),
         error=raw.get("error") or None,
         attempts=int(raw.get("attempts") or 0),
         webhook_status=WebhookStatus(raw.get("webhook_status", "")),
         queue=raw.get("queue", ""),
         owner_name=raw.get("owner_name", ""),
+        level=int(raw.get("level") or 0),
     )
 
 
 # KEYS: seq, active set, the owner's unfinished set. ARGV: job key prefix, cap on the owner's
-# unfinished jobs ('' for none), now, job ttl, then field/value pairs. Returns the new id, or -1
-# when the owner already has `cap` unfinished jobs: the check and the insert are one step, so the
-# cap holds across API processes. An entry older than the ttl is dropped first: a record lost
-# without its terminal transition (a Redis restart that kept only part of it) must not hold a
-# slot for ever. An id whose record exists (the sequence was lost while records survived) is
-# skipped, never overwritten.
-_CREATE = """
+# unfinished jobs ('' for none), now, job ttl, predicted run seconds, priority level, then
+# field/value pairs.
+# Returns the new id, or -1 when the owner already has `cap` unfinished jobs: the check and the
+# insert are one step, so the cap holds across API processes. An entry older than the ttl is
+# dropped first: a record lost without its terminal transition (a Redis restart that kept only
+# part of it) must not hold a slot for ever. An id whose record exists (the sequence was lost
+# while records survived) is skipped, never overwritten. The job joins the queued set and its
+# predicted seconds its level's queued work (the ETA's work ahead) in the same step.
+_CREATE = (
+    """
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
 if ARGV[2] ~= '' and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then return -1 end
 local id = redis.call('INCR', KEYS[1])
@@ -190,12 +201,17 @@ while redis.call('EXISTS', key) == 1 do
   id = redis.call('INCR', KEYS[1])
   key = ARGV[1] .. id
 end
-redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 5))
+redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], id, id)
 redis.call('ZADD', KEYS[3], ARGV[3], id)
 redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('ZADD', '$QUEUED', tonumber(ARGV[6]) * $SPAN + id, id)
+redis.call('HINCRBYFLOAT', '$WORK', ARGV[6], ARGV[5])
 return id
-"""
+""".replace("$QUEUED", keys.QUEUED_JOBS)
+    .replace("$WORK", keys.QUEUED_WORK)
+    .replace("$SPAN", str(keys.LEVEL_SPAN))
+)
 
 # KEYS: job key, active set, lease key, pending webhooks. ARGV: new status, allowed sources (space
 # separated), terminal flag, ttl seconds, events channel, attempts increment, lease op, lease token
@@ -207,8 +223,12 @@ return id
 # Returns {1, previous} when applied, {0, current} when refused, {0, ''} when the job is unknown,
 # {-1, current} when the lease refuses it, {-2, current} when the attempts are used up. A terminal
 # state also frees the job's slot in its owner's unfinished set, whose name is built here from the
-# record's owner (the caller knows only the id).
-_TRANSITION = """
+# record's owner (the caller knows only the id). Leaving `queued` takes the job out of the queued
+# set and its predicted seconds out of the queued work (entering it puts them back); entering
+# `processing` indexes the job as running, due to end at now + its predicted seconds; any other
+# state takes it out of the running set.
+_TRANSITION = (
+    """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
 if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. cur .. ' ', 1, true) then return {0, cur} end
@@ -227,8 +247,28 @@ end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 12))
 if ARGV[6] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[6]) end
 if op == 'take' and token ~= '' then redis.call('SET', KEYS[3], token, 'EX', ARGV[9]) end
+local id = redis.call('HGET', KEYS[1], 'id')
+local predicted = tonumber(redis.call('HGET', KEYS[1], 'predicted_seconds') or '0') or 0
+local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0') or 0
+if cur == 'queued' and ARGV[1] ~= 'queued' then
+  if redis.call('ZREM', '$QUEUED', id) == 1 then
+    local left = tonumber(redis.call('HINCRBYFLOAT', '$WORK', level, -predicted))
+    local first = level * $SPAN
+    if left < 0 or redis.call('ZCOUNT', '$QUEUED', first, first + $SPAN - 1) == 0 then
+      redis.call('HSET', '$WORK', level, '0')
+    end
+  end
+elseif ARGV[1] == 'queued' and cur ~= 'queued' then
+  if redis.call('ZADD', '$QUEUED', level * $SPAN + id, id) == 1 then
+    redis.call('HINCRBYFLOAT', '$WORK', level, predicted)
+  end
+end
+if ARGV[1] == 'processing' then
+  redis.call('ZADD', '$RUNNING', tonumber(ARGV[11]) + predicted, id)
+else
+  redis.call('ZREM', '$RUNNING', id)
+end
 if ARGV[3] == '1' then
-  local id = redis.call('HGET', KEYS[1], 'id')
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], id)
   local owner = redis.call('HGET', KEYS[1], 'owner')
@@ -241,6 +281,11 @@ if ARGV[3] == '1' then
 end
 return {1, cur}
 """.replace("$UNFINISHED", keys.UNFINISHED_JOBS_PREFIX)
+    .replace("$QUEUED", keys.QUEUED_JOBS)
+    .replace("$WORK", keys.QUEUED_WORK)
+    .replace("$RUNNING", keys.RUNNING_JOBS)
+    .replace("$SPAN", str(keys.LEVEL_SPAN))
+)
 
 # KEYS: lease key. ARGV: owner prefix. Deletes the lease when its token starts with the prefix:
 # the worker's main process frees the lease of a pool process that died.
@@ -458,6 +503,7 @@ def _new_job_fields(job: NewJob, now: float) -> dict[str, Any]:
         "webhook_status": WebhookStatus.PENDING if job.webhook else WebhookStatus.NONE,
         "queue": job.queue,
         "owner_name": job.owner_name,
+        "level": job.level,
     }
 
 
@@ -474,7 +520,8 @@ def _create_call(
 ) -> tuple[list[str], list[Any]]:
     keys_ = [keys.JOB_SEQ, keys.ACTIVE_JOBS, keys.unfinished_jobs(job.owner)]
     cap = "" if max_unfinished is None else str(max_unfinished)
-    args = [keys.job(0)[:-1], cap, now, ttl, *_encode(_new_job_fields(job, now))]
+    fields = _encode(_new_job_fields(job, now))
+    args = [keys.job(0)[:-1], cap, now, ttl, job.predicted_seconds, job.level, *fields]
     return keys_, args
 
 
@@ -580,14 +627,18 @@ class JobStore:
         *,
         output: list[str],
         generation_time: float,
+        pipeline_time: float | None = None,
         meta: dict[str, Any] | None = None,
         lease: str | None = None,
     ) -> bool:
         """Finish a job; ``meta`` replaces the echo when the run learnt more (the size taken
         from an init image, a translated prompt). With ``lease``, only while that token holds
-        the job's lease; without, only while nobody holds it."""
+        the job's lease; without, only while nobody holds it. ``pipeline_time``: the part of
+        ``generation_time`` spent inside the pipeline calls (kept in the record only)."""
         now = self._clock()
         fields: dict[str, Any] = {} if meta is None else {"meta": meta}
+        if pipeline_time is not None:
+            fields["pipeline_time"] = round(pipeline_time, 3)
         return self.transition(
             job_id,
             JobStatus.SUCCESS,

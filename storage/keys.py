@@ -10,6 +10,22 @@ JOB_SEQ = f"{PREFIX}:job:seq"
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"
 """Sorted set of non-terminal job ids, scored by id: the queue as clients see it."""
 
+QUEUED_JOBS = f"{PREFIX}:jobs:queued"
+"""Sorted set of the ids of queued jobs (accepted, not yet claimed by a worker), scored by
+`level x LEVEL_SPAN + id`: the order workers take them in (a lower priority level first, then
+first come), so a job's queue position. Kept by the job store's create and transition scripts."""
+
+LEVEL_SPAN = 2**40
+"""Score distance between priority levels in `QUEUED_JOBS`: above any job id."""
+
+QUEUED_WORK = f"{PREFIX}:jobs:queued:seconds"
+"""Hash priority level -> the predicted run seconds of the queued jobs of that level, summed
+(HINCRBYFLOAT in the same scripts): the work ahead of a new job, read in O(1)."""
+
+RUNNING_JOBS = f"{PREFIX}:jobs:running"
+"""Sorted set of the ids of jobs a worker runs, scored by when they are expected to finish
+(claim time + predicted run seconds): the part of the workers' time already spoken for."""
+
 JOB_EVENTS = f"{PREFIX}:events:jobs"
 """Pub/sub channel: '<id> <status>' on every terminal transition, '<id> webhook_<status>' when a
 webhook delivery ends."""

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import redis
 from celery import Celery
 
+from dreamq import lanes
 from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, CeleryPublisher, Publisher
 from dreamq.settings import Settings
 from storage import keys
@@ -47,9 +48,10 @@ UNACKED_KEY = "unacked"
 """kombu's Redis transport: hash of delivery tag -> [message, exchange, routing key] of every
 message a consumer holds (its `unacked_key` transport option, left at its default)."""
 
-PRIORITY_SEPARATOR = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
-"""kombu's Redis transport keeps a queue's prioritised messages in lists `<queue>\\x06\\x16<n>`."""
+PRIORITY_SEPARATOR = lanes.PRIORITY_SEPARATOR
+PRIORITY_STEPS = lanes.BROKER_PRIORITIES[1:]
+"""kombu's Redis transport keeps a queue's prioritised messages in lists `<queue>\\x06\\x16<n>`
+(dreamq publishes its priority levels there, dreamq/lanes.py)."""
 
 SCAN_BATCH = 1000
 
@@ -224,7 +226,8 @@ class Reconciler:
                 if job is not None and job.webhook:
                     self._publisher.publish_webhook(job_id)
             return
-        self._publisher.publish_job(job_id)
+        job = self._jobs.get(job_id)
+        self._publisher.publish_job(job_id, job.level if job is not None else 0)
         log.warning("job %s: its broker message was lost; published again (%s)", job_id, status)
         report.jobs.append(job_id)
 

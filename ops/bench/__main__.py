@@ -88,7 +88,10 @@ def phase_admission(cfg: Config, work: Path, models: Path) -> list[Row]:
     return admission.rows(figures, cfg.admission)
 
 
-def phase_jobs(cfg: Config, work: Path, models: Path) -> list[Row]:
+FIGURES = ("admission", "residency", "overhead", "duty", "eta")
+
+
+def phase_jobs(cfg: Config, work: Path, models: Path, only: set[str]) -> list[Row]:
     (work / "redis2").mkdir()
     with redis_server(str(work / "redis2")) as url, jobs.image_server() as images:
         key, _ = ApiKeyStore(redis.Redis.from_url(url)).create("bench")
@@ -104,14 +107,19 @@ def phase_jobs(cfg: Config, work: Path, models: Path) -> list[Row]:
         ):
             progress("phase two: API and worker up")
             bench = jobs.Bench(base, url, key, images)
-            rows = jobs.residency(bench, worker, metrics_port, cfg.jobs.residency_rounds)
+            rows: list[Row] = []
+            if "residency" in only:
+                rows += jobs.residency(bench, worker, metrics_port, cfg.jobs.residency_rounds)
+                progress("residency measured")
             bench.wait([bench.submit()[0] for _ in range(2)])  # warm before timing
-            progress("residency measured")
-            rows.append(jobs.queue_overhead(bench, cfg.jobs.overhead_jobs))
-            progress("queue overhead measured")
-            rows += jobs.duty_rows(bench, cfg.jobs.backlog)
-            progress("duty cycle measured")
-            rows.append(jobs.eta_accuracy(bench, env, cfg.jobs))
+            if "overhead" in only:
+                rows.append(jobs.queue_overhead(bench, cfg.jobs.overhead_jobs))
+                progress("queue overhead measured")
+            if "duty" in only:
+                rows += jobs.duty_rows(bench, cfg.jobs.backlog)
+                progress("duty cycle measured")
+            if "eta" in only:
+                rows.append(jobs.eta_accuracy(bench, env, cfg.jobs))
     return rows
 
 
@@ -119,16 +127,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small configuration (< 60 s)")
     parser.add_argument("--write", type=Path, help="rewrite this page's table section")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=FIGURES,
+        help="measure only this figure (repeatable); --write needs every figure",
+    )
     args = parser.parse_args()
+    only = set(args.only or FIGURES)
+    if args.write and only != set(FIGURES):
+        parser.error("--write records the whole table: leave out --only")
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dreamq-bench-") as folder:
         work = Path(folder)
         models = demo_models(work / "models")
         progress("tiny models written")
-        rows = phase_admission(cfg, work, models)
-        progress("admission and fetch measured")
-        rows += phase_jobs(cfg, work, models)
+        rows: list[Row] = []
+        if "admission" in only:
+            rows += phase_admission(cfg, work, models)
+            progress("admission and fetch measured")
+        if only - {"admission"}:
+            rows += phase_jobs(cfg, work, models, only)
     rows.append(GPU_ROW)
     print(f"\n{table(rows)}\n\n({time.perf_counter() - started:.0f} s)")
     if args.write:

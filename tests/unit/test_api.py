@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from api.app import Overrides, create_app
 from dreamq.jobparams import ImageInput, JobParams, LoraChoice
-from dreamq.queue import RecordingPublisher
+from dreamq.queue import AsyncRecordingPublisher
 from dreamq.registry import (
     EmbeddingEntry,
     HelperEntry,
@@ -36,7 +36,7 @@ from tests.support.processes import free_port
 @dataclass
 class Api:
     client: TestClient
-    publisher: RecordingPublisher
+    publisher: AsyncRecordingPublisher
     jobs: JobStore
     key: str
     other_key: str
@@ -73,7 +73,7 @@ def build(
     objects = objects or MemoryObjectStore("https://cdn.example.com")
     server = fakeredis.FakeServer()
     sync = fakeredis.FakeRedis(server=server)
-    publisher = RecordingPublisher()
+    publisher = AsyncRecordingPublisher()
     app = create_app(
         Settings(public_url="https://api.example.com", **settings),
         Overrides(
@@ -457,6 +457,22 @@ def test_fetch_processing_then_success(api: Api) -> None:
     assert body["status"] == "success"
     assert body["output"] == ["https://cdn.example.com/x.png"]
     assert body["generationTime"] == 1.5
+
+
+def test_fetch_of_a_waiting_job_gives_its_queue_position_and_the_work_ahead_now(api: Api) -> None:
+    ids = [txt2img(api).json()["id"] for _ in range(3)]
+
+    def fetch(job_id: int) -> dict[str, Any]:
+        answer = api.client.post(f"/api/v4/dreambooth/fetch/{job_id}", json={"key": api.key})
+        body: dict[str, Any] = answer.json()
+        return body
+
+    first, third = fetch(ids[0]), fetch(ids[2])
+    assert (first["queue_position"], third["queue_position"]) == (1, 3)
+    assert first["eta"] < third["eta"]
+    api.jobs.claim(ids[0])  # a worker runs it: out of the queue, the others move up
+    assert fetch(ids[0])["queue_position"] == 0
+    assert fetch(ids[2])["queue_position"] == 2
 
 
 def test_another_keys_job_answers_like_an_unknown_one(api: Api) -> None:

@@ -587,11 +587,21 @@ def test_processing_body_has_remaining_eta_and_empty_string_output(status: JobSt
         "status": "processing",
         "id": 29763508,
         "eta": 12.5,
+        "queue_position": 0,
         "messege": "try again later.",
         "message": "try again later.",
         "output": "",
     }
     assert '"output":""' in json.dumps(body, separators=(",", ":"))
+
+
+def test_a_queued_job_answers_its_current_estimate_and_position() -> None:
+    job = record(JobStatus.QUEUED, eta_at=NOW + 12.5)
+    body = job_body(job, NOW, waiting=(3.25, 4)).model_dump()
+    assert (body["eta"], body["queue_position"]) == (3.25, 4)
+    # A running job is past the queue: the estimate is its own remaining run time.
+    running = record(JobStatus.PROCESSING, eta_at=NOW + 12.5)
+    assert job_body(running, NOW, waiting=(3.25, 4)).model_dump()["queue_position"] == 0
 
 
 def test_processing_eta_never_goes_negative() -> None:

@@ -95,7 +95,7 @@ class Broker:
     """Jobs whose message a live worker holds (unacked)."""
     die_on_publish: bool = False
 
-    def publish_job(self, job_id: int) -> None:
+    def publish_job(self, job_id: int, level: int = 0) -> None:
         self.queue.append(job_id)
 
     def publish_webhook(self, job_id: int) -> None:

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import Overrides, create_app
 from api.metrics import FleetReader, FleetSnapshot
-from dreamq.queue import RecordingPublisher
+from dreamq.queue import AsyncRecordingPublisher
 from dreamq.settings import Settings
 from storage.jobs import AsyncJobStore, JobStore
 from storage.objects import MemoryObjectStore
@@ -164,7 +164,7 @@ def test_ready_names_redis_down() -> None:
         Overrides(
             registry=REGISTRY,
             objects=MemoryObjectStore("https://cdn.example.com"),
-            publisher=RecordingPublisher(),
+            publisher=AsyncRecordingPublisher(),
         ),
     )
     with TestClient(app) as client:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dreamq import lanes
 from dreamq.cli import parser
 from dreamq.settings import Settings
 
@@ -501,26 +502,30 @@ def test_k8s_gpu_worker_requests_a_gpu_and_finishes_its_job(
     assert spec["terminationGracePeriodSeconds"] >= time_limit
 
 
-def test_keda_scales_the_gpu_worker_on_the_generate_list(
+def test_keda_scales_the_gpu_worker_on_every_priority_list_of_the_generate_queue(
     k8s_objects: list[tuple[str, dict[str, Any]]],
 ) -> None:
     (scaled,) = by_kind(k8s_objects, "ScaledObject").values()
     target = scaled["spec"]["scaleTargetRef"]
     assert target["name"] in by_kind(k8s_objects, "Deployment")
     assert target["name"] == "dreamq-gpu-worker"
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == Settings().generate_queue
-    assert trigger["metadata"]["listName"] == shared_env(k8s_objects)["DREAMQ_GENERATE_QUEUE"]
-    assert int(trigger["metadata"]["listLength"]) >= 1
+    queue = shared_env(k8s_objects)["DREAMQ_GENERATE_QUEUE"]
+    assert queue == Settings().generate_queue
+    triggers = scaled["spec"]["triggers"]
+    lists = [lanes.list_name(queue, level) for level in range(lanes.LEVELS)]
+    assert [trigger["metadata"]["listName"] for trigger in triggers] == lists
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
-    auth = by_kind(k8s_objects, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
     secrets = by_kind(k8s_objects, "Secret")
-    parameters = set()
-    for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["key"] in secrets[ref["name"]]["stringData"]
-        parameters.add(ref["parameter"])
-    assert parameters == {"address", "password"}
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        assert int(trigger["metadata"]["listLength"]) >= 1
+        auths = by_kind(k8s_objects, "TriggerAuthentication")
+        auth = auths[trigger["authenticationRef"]["name"]]
+        parameters = set()
+        for ref in auth["spec"]["secretTargetRef"]:
+            assert ref["key"] in secrets[ref["name"]]["stringData"]
+            parameters.add(ref["parameter"])
+        assert parameters == {"address", "password"}
 
 
 def test_each_deployment_has_a_matching_disruption_budget(

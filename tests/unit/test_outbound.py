@@ -40,7 +40,7 @@ from dreamq.outbound import (
     system_resolve,
     unwrap,
 )
-from dreamq.queue import RecordingPublisher
+from dreamq.queue import AsyncRecordingPublisher
 from dreamq.registry import ModelEntry, Registry
 from dreamq.settings import Settings
 from storage.apikeys import ApiKeyStore
@@ -506,7 +506,7 @@ SUBMISSIONS = {
 class Api:
     client: TestClient
     key: str
-    publisher: RecordingPublisher
+    publisher: AsyncRecordingPublisher
 
     def submit(self, field: str, url: str) -> tuple[str, dict[str, list[str]]]:
         """(status, field errors) of a request with `url` in `field`."""
@@ -519,7 +519,7 @@ class Api:
 @contextmanager
 def api_allowing(cidrs: str) -> Iterator[Api]:
     server = fakeredis.FakeServer()
-    publisher = RecordingPublisher()
+    publisher = AsyncRecordingPublisher()
     app = create_app(
         Settings(public_url="https://api.example.com", outbound_allow_cidrs=cidrs),
         Overrides(

@@ -111,3 +111,12 @@ def test_the_when_down_mode_is_open_or_closed() -> None:
         Settings(rate_limit_when_down="maybe")
     with pytest.raises(ValidationError):
         Settings(duplicate_window_seconds=-1)
+
+
+def test_a_plan_lane_needs_a_redis_broker() -> None:
+    plans = '{"gold": {"priority": "high"}, "unlimited": {}}'
+    assert Settings(plans=plans).priority_levels
+    with pytest.raises(ValidationError, match="priority of plan gold needs a Redis broker"):
+        Settings(plans=plans, broker_url="amqp://guest@localhost//")
+    # Without lanes a RabbitMQ deployment starts, every job at level 0 (first come first served).
+    assert not Settings(broker_url="amqp://guest@localhost//").priority_levels
