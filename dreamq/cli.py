@@ -50,6 +50,10 @@ def cmd_api(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
+        # Longer than the idle timeout of the load balancers in front (60 s on AWS ALB, nginx's
+        # 75 s upstream keepalive): uvicorn's 5 s closes connections a balancer still reuses,
+        # and the request that races the close fails.
+        timeout_keep_alive=75,
     )
     return 0
 
