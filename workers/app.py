@@ -98,6 +98,7 @@ class WorkerRuntime:
         import torch
 
         from workers.control import WorkerControl
+        from workers.finisher import ThreadFinisher
         from workers.generate import Generator
         from workers.helpers import HelperModels
         from workers.inputs import InputLoader
@@ -133,8 +134,17 @@ class WorkerRuntime:
             refresh_seconds=settings.heartbeat_seconds,
         )
         control.start()
+        # Each job's encoding, upload and terminal transition run here, beside the next job's
+        # compute; a tail stuck past the soft time limit is abandoned (workers/finisher.py).
+        finisher = ThreadFinisher(deadline=settings.soft_time_limit)
+
+        def stop(**_: Any) -> None:
+            # Warm shutdown: the last job's tail is stored before the process exits.
+            finisher.close(timeout=settings.soft_time_limit)
+            control.stop()
+
         # A pool process does not run atexit handlers: Celery ends it with os._exit.
-        worker_process_shutdown.connect(lambda **_: control.stop(), weak=False)
+        worker_process_shutdown.connect(stop, weak=False)
         loader = InputLoader.from_settings(settings, objects)  # one HTTP client per process
 
         def after_job() -> None:
@@ -155,6 +165,8 @@ class WorkerRuntime:
             before_job=control.job_started,
             after_job=after_job,
             on_finished=metrics.job_finished,
+            finisher=finisher,
+            overlap_inputs=True,
         )
 
 
@@ -188,11 +200,11 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
     # signal keeps Celery from adding handlers and formats of its own.
     setup_logging.connect(_keep_logging, weak=False)
     server = _metrics_server(settings)
+    # The main process frees the lease of a pool process it lost, fails a job it killed, and
+    # runs again a job its dead process was still storing (workers/supervision.py).
+    supervisor = JobSupervisor(settings, app)
 
-    # The main process frees the lease of a pool process it lost and fails a job it killed.
-    @app.task(
-        name=GENERATE_TASK, bind=True, Request=supervised_request(JobSupervisor(settings, app))
-    )
+    @app.task(name=GENERATE_TASK, bind=True, Request=supervised_request(supervisor))
     def generate(self: Any, job_id: int) -> None:
         look_again = runtime.parts().runner.run(int(job_id))
         if look_again is not None:  # a duplicate delivery: ask again once the lease expired
@@ -210,13 +222,20 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
 
     # weak=False: the handlers are closures that would otherwise be collected at once.
     worker_process_init.connect(on_process_init, weak=False)
+
     # Every worker writes its liveness record (workers/liveness.py) from the main process; only
     # generation workers that consume count towards the ETA's "workers serving the queue".
+    def pool_gone(pids: list[int]) -> None:
+        if role == "generate":
+            supervisor.processes_gone(pids)
+        if server is not None:
+            server.process_gone(pids)
+
     beat = Heartbeat(
         redis.Redis.from_url(settings.redis_url),
         role=role,
         interval=settings.heartbeat_seconds,
-        on_pool_gone=server.process_gone if server is not None else None,
+        on_pool_gone=pool_gone,
     )
     worker_ready.connect(lambda sender, **_: beat.start(sender), weak=False)
     task_received.connect(beat.received, weak=False)

@@ -108,6 +108,9 @@ class LoadedModel:
     variants: dict[Task, DiffusionPipeline] = field(default_factory=dict)
     # LoRA id -> the adapter name it was loaded under (kept until the model is unloaded).
     adapters: dict[str, str] = field(default_factory=dict)
+    # Never-used schedulers built from default_scheduler_config, by the job settings that chose
+    # them: each pipeline call runs a copy (workers/generate.py).
+    schedulers: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     # Held while a job uses the model: adapters, embeddings and patches are per-job state on
     # shared modules, and an unload must not pull the weights from under a running job.
     lock: threading.RLock = field(default_factory=threading.RLock)

@@ -3,7 +3,7 @@
 One `dreamq api` process and real `dreamq worker` processes on a private redis-server, tiny
 models from the demo registry, outputs in a local folder, input images from a loopback HTTP
 server. Times come from the job records (`started_at` at the claim, `finished_at` at success,
-`generation_time`: see `workers/runner.py`) and the job events channel.
+`generation_time` and `pipeline_time`: see `workers/runner.py`) and the job events channel.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from storage import keys
 from storage.jobs import JobRecord, JobStore
 
 SUBMIT = "/api/v4/dreambooth"
+TERMINAL = (b"success", b"failed")
 
 
 @dataclass(frozen=True)
@@ -116,22 +117,30 @@ class Bench:
         return int(data["id"]), float(data["eta"]), sent
 
     def wait(self, ids: list[int], timeout: float = 300) -> list[JobRecord]:
-        """Until every job is terminal (a benchmark's poll); raises if one failed."""
+        """Until every job is terminal (a benchmark's poll); raises if one failed. The poll reads
+        only the statuses, in one round trip: reading and decoding 40 whole records every 20 ms
+        took a good part of a core from the worker it measures on a 2-core machine."""
         end = time.monotonic() + timeout
-        done: dict[int, JobRecord] = {}
-        while len(done) < len(ids):
-            for job_id in ids:
-                if job_id in done:
-                    continue
-                record = self.jobs.get(job_id)
-                if record is not None and record.status.is_terminal():
-                    if record.error:
-                        raise RuntimeError(f"job {job_id} failed: {record.error}")
-                    done[job_id] = record
+        pending = list(ids)
+        while pending:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in pending:
+                pipe.hget(keys.job(job_id), "status")
+            statuses = pipe.execute()
+            pending = [i for i, s in zip(pending, statuses, strict=True) if s not in TERMINAL]
+            if not pending:
+                break
             if time.monotonic() > end:
-                raise TimeoutError(f"{len(ids) - len(done)} jobs unfinished")
+                raise TimeoutError(f"{len(pending)} jobs unfinished")
             time.sleep(0.02)
-        return [done[i] for i in ids]
+        records = []
+        for job_id in ids:
+            record = self.jobs.get(job_id)
+            assert record is not None
+            if record.error:
+                raise RuntimeError(f"job {job_id} failed: {record.error}")
+            records.append(record)
+        return records
 
     def submit_to_visible(self, n: int) -> list[tuple[float, float]]:
         """(submit -> success visible in fetch, generation_time) for n jobs one at a time: the
@@ -159,13 +168,36 @@ class Bench:
         return results
 
 
-def duty_cycle(records: list[JobRecord]) -> tuple[float, float]:
-    """(sum of generation_time over the wall time from the first claim to the last success,
-    that wall time)."""
+@dataclass(frozen=True)
+class Duty:
+    wall: float
+    """From the first claim to the last success."""
+    pipeline: float
+    """Σ pipeline_time: the seconds inside the pipeline calls (the issue's definition)."""
+    generation: float
+    """Σ generation_time: the pipeline calls plus translation, post-processing and encoding."""
+
+    @property
+    def cycle(self) -> float:
+        return self.pipeline / self.wall
+
+    @property
+    def generation_cycle(self) -> float:
+        return self.generation / self.wall
+
+
+def duty_cycle(records: list[JobRecord]) -> Duty:
+    """The worker's busy time over the wall time from the first claim to the last success. A
+    record without `pipeline_time` (a worker from before it was recorded) counts its
+    `generation_time`, an upper bound."""
     first = min(r.started_at or 0.0 for r in records)
     last = max(r.finished_at or 0.0 for r in records)
-    busy = sum(r.generation_time or 0.0 for r in records)
-    return busy / (last - first), last - first
+    generation = sum(r.generation_time or 0.0 for r in records)
+    pipeline = sum(
+        r.pipeline_time if r.pipeline_time is not None else r.generation_time or 0.0
+        for r in records
+    )
+    return Duty(wall=last - first, pipeline=pipeline, generation=generation)
 
 
 def model_loads(metrics_port: int) -> float:
@@ -249,16 +281,17 @@ def duty_rows(bench: Bench, backlog: int) -> list[Row]:
         ("img2img", "img2img, URL init_image from a loopback server"),
     ):
         records = bench.wait([bench.submit(kind)[0] for _ in range(backlog)])
-        duty, wall = duty_cycle(records)
-        per_job = wall / len(records)
-        mean_generation = statistics.mean(r.generation_time or 0.0 for r in records)
+        duty = duty_cycle(records)
+        n = len(records)
         rows.append(
             Row(
                 f"Worker duty cycle: {what}, backlog of {backlog}",
-                f"{duty:.0%} (Σ generation_time / first claim → last success)",
-                f"{ms(per_job)} per job, of which generation_time {ms(mean_generation)}",
+                f"{duty.cycle:.1%} (Σ pipeline time / first claim → last success)",
+                f"{ms(duty.wall / n)} per job, of which in the pipeline call "
+                f"{ms(duty.pipeline / n)}; Σ generation_time (+ post-processing, encoding) "
+                f"{duty.generation_cycle:.1%}, {ms(duty.generation / n)} per job",
                 "≥ 95%",
-                duty >= 0.95,
+                duty.cycle >= 0.95,
             )
         )
     return rows

@@ -216,3 +216,34 @@ def test_an_init_image_size_is_rounded_and_brought_within_1024(
     from workers.pipelines.common import output_size
 
     assert output_size(None, None, Image.new("RGB", size)) == expected
+
+
+def test_each_pipeline_call_gets_a_fresh_copy_of_the_models_scheduler(
+    generator: Generator, cache: PipelineCache
+) -> None:
+    first = generator.run("demo", params(seed=7))
+    loaded = cache.get("demo")
+    [prototype] = [
+        s for key, s in loaded.schedulers.items() if key[0].class_name == "PNDMScheduler"
+    ]
+    used = loaded.pipe.scheduler
+    assert used is not prototype and used.config == prototype.config
+    # The job's run left its state on the copy (set_timesteps); the prototype was never run.
+    assert prototype.num_inference_steps is None and used.num_inference_steps is not None
+    again = generator.run("demo", params(seed=7))
+    assert loaded.pipe.scheduler is not used
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_inputs_are_taken_once_the_model_is_ready_and_set_the_size(
+    generator: Generator, cache: PipelineCache, init_image: Image.Image
+) -> None:
+    asked: list[bool] = []
+
+    def inputs() -> tuple[Image.Image | None, Image.Image | None]:
+        asked.append("demo" in cache.loaded_ids())
+        return init_image, None
+
+    result = generator.run("demo", params("img2img"), inputs=inputs)
+    assert asked == [True]
+    assert (result.width, result.height) == (32, 32)  # the init image's, rounded down to 8
