@@ -12,18 +12,20 @@ samples x frames). The store keeps, per model:
 
 At submission the estimate is
 
-    eta = (work queued ahead + what the running jobs still need) / serving processes
+    eta = when a worker process is first free for it
           + a cold load, when no live worker process holds the model
           + this job's predicted run time
 
-where the queued work is the sum of the queued jobs' own predictions (kept by the job store's
-scripts, so the jobs ahead are counted at their own shapes), and the running jobs' remainder is
-read from their expected finishing times. A queued job's fetch recomputes the same sum over only
+where a process is free once its running job is expected to end (its claim time plus its
+prediction), the first jobs queued ahead are handed, in order, to whichever process frees first,
+and the rest of the queue (the sum of the queued jobs' own predictions, kept by the job store's
+scripts) is spread evenly over the processes. A queued job's fetch recomputes the same sum over only
 the jobs ahead of it, with its queue position. Every input is read in one Redis round trip.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +51,11 @@ REFERENCE_PIXELS = 512 * 512
 QUEUE_SCAN_LIMIT = 1000
 """A queued job's fetch sums the predictions of at most this many jobs ahead and extrapolates
 beyond them: its cost stays bounded with a long queue."""
+
+SIMULATED_AHEAD = 32
+"""The first jobs ahead are scheduled one by one onto the processes as they free up (what
+decides a short queue's wait: the first process to free, not the average); the rest of the queue
+is spread evenly over them."""
 
 MIN_SECONDS = 0.01
 
@@ -80,20 +87,35 @@ add('xy', x * y)
 return 1
 """
 
-# KEYS: queued set. ARGV: job id, job key prefix, scan limit. {jobs queued ahead, their predicted
-# seconds}: summed over the first `limit` of them, extrapolated at their mean beyond.
+# KEYS: queued set. ARGV: job id, job key prefix, scan limit, how many to list. {jobs queued
+# ahead, their predicted seconds, the first `list` of those one by one}: summed over the first
+# `limit` of them, extrapolated at their mean beyond.
 _AHEAD = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score then return {0, '0'} end
+if not score then return {0, '0', {}} end
 local before = '(' .. score
 local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', before)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, tonumber(ARGV[3]))
-local work = 0
-for _, id in ipairs(ids) do
-  work = work + (tonumber(redis.call('HGET', ARGV[2] .. id, 'predicted_seconds')) or 0)
+local work, first = 0, {}
+for i, id in ipairs(ids) do
+  local seconds = tonumber(redis.call('HGET', ARGV[2] .. id, 'predicted_seconds')) or 0
+  work = work + seconds
+  if i <= tonumber(ARGV[4]) then first[i] = tostring(seconds) end
 end
 if #ids > 0 and ahead > #ids then work = work * ahead / #ids end
-return {ahead, tostring(work)}
+return {ahead, tostring(work), first}
+"""
+
+# KEYS: queued set. ARGV: job key prefix, how many. The head of the queue, in the order workers
+# take it: {score, predicted seconds, score, predicted seconds, ...}.
+_HEAD = """
+local head = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
+local out = {}
+for i = 1, #head, 2 do
+  out[#out + 1] = head[i + 1]
+  out[#out + 1] = tostring(tonumber(redis.call('HGET', ARGV[1] .. head[i], 'predicted_seconds')) or 0)
+end
+return out
 """
 
 
@@ -190,8 +212,8 @@ class Fleet:
     processes: int
     """Live worker processes (each runs one job at a time); at least 1, since a job waits for
     one to start."""
-    running_left: float
-    """Seconds the running jobs are still expected to take, summed."""
+    running: tuple[float, ...]
+    """Seconds each running job is still expected to take."""
     warm: bool
     """Whether a live worker process holds the job's model in memory."""
 
@@ -201,14 +223,33 @@ class EtaInputs:
     stats: RunStats
     fleet: Fleet
     queued_seconds: float
-    """Predicted seconds of the queued jobs (every one at submission; those ahead at fetch)."""
+    """Predicted seconds of the queued jobs ahead."""
+    first: tuple[float, ...] = ()
+    """The predictions of the first of them, in the order workers take them (part of
+    `queued_seconds`)."""
     ahead: int = 0
     """Queued jobs ahead (fetch only)."""
 
 
+def wait_seconds(inputs: EtaInputs) -> float:
+    """When a process is first free for the job: each process is free once its running job
+    ends; the first jobs ahead go, in order, to whichever frees first; the rest of the queue is
+    shared evenly."""
+    fleet = inputs.fleet
+    processes = max(fleet.processes, len(fleet.running))  # a running job has a process
+    free = sorted(fleet.running) + [0.0] * (processes - len(fleet.running))
+    heapq.heapify(free)
+    for seconds in inputs.first:
+        heapq.heappush(free, heapq.heappop(free) + seconds)
+    rest = max(0.0, inputs.queued_seconds - sum(inputs.first))
+    if rest == 0.0:
+        return free[0]
+    return max(free[0], (sum(free) + rest) / processes)
+
+
 def estimate(inputs: EtaInputs, run_seconds: float) -> float:
     fleet = inputs.fleet
-    wait = (inputs.queued_seconds + fleet.running_left) / fleet.processes
+    wait = wait_seconds(inputs)
     cold = 0.0 if fleet.warm else (inputs.stats.load_seconds or 0.0)
     return round(wait + cold + run_seconds, 2)
 
@@ -242,8 +283,8 @@ def _fleet(
     # Every live pool process of a generation worker publishes its model list (even empty): the
     # count of them is the parallelism. Workers too old to publish are counted per node.
     processes = max(1, len(names) or serving_nodes)
-    left = sum(max(0.0, float(finish) - now) for _, finish in running)
-    return Fleet(processes=processes, running_left=left, warm=warm)
+    left = tuple(sorted(max(0.0, float(finish) - now) for _, finish in running))
+    return Fleet(processes=processes, running=left, warm=warm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,13 +295,18 @@ class SubmissionView:
     fleet: Fleet
     queued_by_level: Mapping[int, float]
     """Predicted seconds of the queued jobs, by priority level."""
+    head: Sequence[tuple[float, float]]
+    """The first queued jobs in the order workers take them: (score, predicted seconds)."""
     unfinished: int
     """The submitting key's queued and running jobs (its fair-share level depends on it)."""
 
     def at_level(self, level: int) -> EtaInputs:
-        """The inputs for a job of `level`: the work queued at its level and the ones before."""
+        """The inputs for a job of `level`: the work queued at its level and the ones before
+        (a prefix of the queue's order, which is by level first)."""
         queued = sum(seconds for lane, seconds in self.queued_by_level.items() if lane <= level)
-        return EtaInputs(self.stats, self.fleet, max(0.0, queued))
+        end = (level + 1) * keys.LEVEL_SPAN
+        first = tuple(seconds for score, seconds in self.head if score < end)
+        return EtaInputs(self.stats, self.fleet, max(0.0, queued), first)
 
 
 async def read_submission(
@@ -270,12 +316,15 @@ async def read_submission(
     pipe = client.pipeline(transaction=False)
     _queue_pipeline(pipe, model_id, _stat_fields(shape), now)
     pipe.hgetall(keys.QUEUED_WORK)
+    pipe.eval(_HEAD, 1, keys.QUEUED_JOBS, keys.job(0)[:-1], SIMULATED_AHEAD)
     pipe.zcard(keys.unfinished_jobs(owner))
-    stats, running, live, models, nodes, work, unfinished = await pipe.execute()
+    stats, running, live, models, nodes, work, head, unfinished = await pipe.execute()
+    pairs = [(float(head[i]), float(head[i + 1])) for i in range(0, len(head), 2)]
     return SubmissionView(
         stats=RunStats.from_values(stats),
         fleet=_fleet(model_id, now, running, live, models, int(nodes)),
         queued_by_level={int(level): float(seconds) for level, seconds in work.items()},
+        head=pairs,
         unfinished=int(unfinished),
     )
 
@@ -287,12 +336,14 @@ async def read_inputs_ahead_of(
     model will need loading (its own run time is the prediction in its record)."""
     pipe = client.pipeline(transaction=False)
     _queue_pipeline(pipe, model_id, ["load_seconds"], now)
-    pipe.eval(_AHEAD, 1, keys.QUEUED_JOBS, job_id, keys.job(0)[:-1], QUEUE_SCAN_LIMIT)
-    (load,), running, live, models, nodes, (ahead, work) = await pipe.execute()
+    prefix = keys.job(0)[:-1]
+    pipe.eval(_AHEAD, 1, keys.QUEUED_JOBS, job_id, prefix, QUEUE_SCAN_LIMIT, SIMULATED_AHEAD)
+    (load,), running, live, models, nodes, (ahead, work, first) = await pipe.execute()
     return EtaInputs(
         stats=RunStats(load_seconds=_number(load)),
         fleet=_fleet(model_id, now, running, live, models, int(nodes)),
         queued_seconds=max(0.0, float(work)),
+        first=tuple(float(seconds) for seconds in first),
         ahead=int(ahead),
     )
 

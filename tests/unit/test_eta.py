@@ -23,6 +23,7 @@ from storage.eta import (
     SubmissionView,
     estimate,
     heartbeat,
+    wait_seconds,
     predict_run_seconds,
     read_inputs_ahead_of,
     read_submission,
@@ -64,11 +65,13 @@ def read_ahead(server: fakeredis.FakeServer, job_id: int, model_id: str = "demo"
 def inputs(
     queued: float = 0.0,
     processes: int = 1,
-    running_left: float = 0.0,
+    running: tuple[float, ...] = (),
     warm: bool = True,
     load: float | None = None,
+    first: tuple[float, ...] = (),
 ) -> EtaInputs:
-    return EtaInputs(RunStats(load_seconds=load), Fleet(processes, running_left, warm), queued)
+    fleet = Fleet(processes, running, warm)
+    return EtaInputs(RunStats(load_seconds=load), fleet, queued, first)
 
 
 def live_process(client: redis.Redis, name: str, models: list[str], until: float) -> None:
@@ -140,13 +143,33 @@ def test_a_prediction_is_never_zero() -> None:
 # ---------------------------------------------------------------- the estimate
 
 
-def test_estimate_is_the_work_ahead_shared_by_the_processes_plus_this_run() -> None:
-    # 30 s queued and 6 s still running, over 3 processes, then 4 s for this job.
-    assert estimate(inputs(queued=30.0, processes=3, running_left=6.0), 4.0) == 16.0
+def test_estimate_with_nothing_ahead_and_a_free_process_is_the_run_time() -> None:
+    assert estimate(inputs(processes=3, running=(4.0, 9.0)), 6.5) == 6.5
 
 
-def test_estimate_with_nothing_ahead_is_the_run_time() -> None:
-    assert estimate(inputs(processes=3), 6.5) == 6.5
+def test_the_next_job_goes_to_the_process_that_frees_first() -> None:
+    # Two processes, free in 0.2 s and 1 s; one 0.5 s job ahead takes the first: this job starts
+    # when the second frees (1 s), not at the average.
+    got = inputs(processes=2, running=(1.0, 0.2), queued=0.5, first=(0.5,))
+    assert wait_seconds(got) == pytest.approx(0.7)
+    assert estimate(got, 0.3) == 1.0
+
+
+def test_jobs_ahead_are_handed_out_in_order() -> None:
+    got = inputs(processes=2, queued=3.0 + 1.0 + 1.0, first=(3.0, 1.0, 1.0))
+    # P1 takes 3 s, P2 takes 1 s then 1 s: P2 frees at 2 s.
+    assert wait_seconds(got) == pytest.approx(2.0)
+
+
+def test_the_rest_of_a_long_queue_is_shared_evenly() -> None:
+    # The first two of 10 s of queued work simulated (1 s each), 8 s left over two processes.
+    got = inputs(processes=2, queued=10.0, first=(1.0, 1.0))
+    assert wait_seconds(got) == pytest.approx(5.0)
+
+
+def test_more_running_jobs_than_counted_processes_means_more_processes() -> None:
+    got = inputs(processes=1, running=(2.0, 3.0), queued=1.0, first=(1.0,))
+    assert wait_seconds(got) == pytest.approx(3.0)  # the 1 s job goes after the 2 s one
 
 
 def test_a_model_no_live_process_holds_adds_its_load_time() -> None:
@@ -164,7 +187,7 @@ def test_estimate_is_rounded_to_hundredths() -> None:
 
 def test_read_inputs_on_an_empty_store(server: fakeredis.FakeServer) -> None:
     got = read(server)
-    assert got == EtaInputs(RunStats(), Fleet(1, 0.0, False), 0.0)
+    assert got == EtaInputs(RunStats(), Fleet(1, (), False), 0.0)
 
 
 def test_live_processes_are_the_parallelism_and_say_which_models_are_warm(
@@ -189,7 +212,7 @@ def test_running_jobs_count_what_they_still_need(
     server: fakeredis.FakeServer, client: redis.Redis
 ) -> None:
     client.zadd(keys.RUNNING_JOBS, {"1": NOW + 2.5, "2": NOW + 1.0, "3": NOW - 4.0})
-    assert read(server).fleet.running_left == pytest.approx(3.5)  # overdue counts as done
+    assert read(server).fleet.running == pytest.approx((0.0, 1.0, 2.5))  # overdue: ending now
 
 
 def test_the_models_statistics_are_read_for_the_jobs_shape(
@@ -226,7 +249,7 @@ def test_the_queue_holds_each_waiting_jobs_prediction_until_a_worker_claims_it(
     assert read(server).queued_seconds == pytest.approx(6.0)
     # The claimed job is running, expected to end its predicted seconds after the claim.
     assert client.zscore(keys.RUNNING_JOBS, ids[0]) == pytest.approx(NOW + 1.5)
-    assert read(server).fleet.running_left == pytest.approx(1.5)
+    assert read(server).fleet.running == pytest.approx((1.5,))
     assert store.succeed(ids[0], output=[], generation_time=1.0, meta={}, lease=token)
     assert client.zcard(keys.RUNNING_JOBS) == 0
     store.fail(ids[1], "refused")  # failed while queued: leaves the queue
@@ -263,7 +286,8 @@ def test_a_waiting_job_sees_only_the_jobs_ahead_of_it(
     store.acquire(ids[0], new_lease_token())
     third = read_ahead(server, ids[2])
     assert (third.ahead, third.queued_seconds) == (1, pytest.approx(2.0))
-    assert third.fleet.running_left == pytest.approx(1.0)
+    assert third.fleet.running == pytest.approx((1.0,))
+    assert third.first == pytest.approx((2.0,))
 
 
 def test_a_long_queue_ahead_is_extrapolated_from_its_first_jobs(
@@ -360,6 +384,10 @@ def test_a_job_waits_only_behind_its_level_and_the_levels_served_before(
     assert view.at_level(0).queued_seconds == 1.0
     assert view.at_level(1).queued_seconds == 3.0
     assert view.at_level(3).queued_seconds == 13.0
+    # The head of the queue, one by one, in the order workers take it: the more urgent first.
+    assert view.at_level(0).first == (1.0,)
+    assert view.at_level(1).first == (1.0, 2.0)
+    assert view.at_level(3).first == (1.0, 2.0, 5.0, 5.0)
     # Fetch: the later high job is first in the queue, the earlier low jobs last.
     positions = {job_id: read_ahead(server, job_id).ahead for job_id in [*low, normal, high]}
     assert positions == {high: 0, normal: 1, low[0]: 2, low[1]: 3}
