@@ -112,8 +112,9 @@ _HEAD = """
 local head = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
 local out = {}
 for i = 1, #head, 2 do
+  local seconds = redis.call('HGET', ARGV[1] .. head[i], 'predicted_seconds')
   out[#out + 1] = head[i + 1]
-  out[#out + 1] = tostring(tonumber(redis.call('HGET', ARGV[1] .. head[i], 'predicted_seconds')) or 0)
+  out[#out + 1] = tostring(tonumber(seconds) or 0)
 end
 return out
 """

@@ -23,10 +23,10 @@ from storage.eta import (
     SubmissionView,
     estimate,
     heartbeat,
-    wait_seconds,
     predict_run_seconds,
     read_inputs_ahead_of,
     read_submission,
+    wait_seconds,
     work_units,
 )
 from storage.jobs import JobStatus, JobStore, lease_owner, new_lease_token
