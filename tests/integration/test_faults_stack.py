@@ -138,18 +138,19 @@ def test_r7_broker_connection_cut_mid_job_resumes_and_runs_the_job_once(
 
 @contextmanager
 def watching_the_broker(profile: Profile, queue: str) -> Iterator[list[tuple[int, int]]]:
-    """(held unacknowledged, waiting in the list) of `queue` at every change of either, from
+    """(held unacknowledged, waiting in its lists) of `queue` at every change of either, from
     Redis keyspace notifications, recorded by a thread until the block ends."""
     admin = profile.broker()
     before = admin.config_get("notify-keyspace-events")["notify-keyspace-events"]
     admin.config_set("notify-keyspace-events", "Khl")  # keyspace events of hashes and lists
     pubsub = admin.pubsub()
-    pubsub.subscribe("__keyspace@0__:unacked", f"__keyspace@0__:{queue}")
+    lists = [f"__keyspace@0__:{name}" for name in profile.generate_lists()]
+    pubsub.subscribe("__keyspace@0__:unacked", *lists)
     samples: list[tuple[int, int]] = []
     stop = threading.Event()
 
     def sample() -> None:
-        samples.append((held_messages(profile, queue), int(admin.llen(queue))))
+        samples.append((held_messages(profile, queue), profile.jobs_waiting()))
 
     def watch() -> None:
         while not stop.is_set():
@@ -193,7 +194,7 @@ def test_r10_two_workers_four_long_jobs_both_busy_at_once_one_job_each(
             ran_second = processing_any(second, jobs)
             both_busy = time.monotonic() - started
             # Each worker holds the one job it runs; the other two wait in the queue.
-            busy_state = (held_messages(profile, queue), int(profile.broker().llen(queue)))
+            busy_state = (held_messages(profile, queue), profile.jobs_waiting())
             for job_id in jobs:
                 assert events.wait_for(job_id, timeout=90) == "success"
         print(f"\nR10: 2 workers, 4 jobs: both busy {both_busy:.2f} s after the submissions")

@@ -103,7 +103,7 @@ def test_r9_sigterm_mid_job_finishes_the_job_then_exits(
     job = profile.job(job_id)
     assert (job.status.value, job.attempts) == ("success", 1)
     client = profile.broker()
-    assert client.llen(profile.settings.generate_queue) == 0
+    assert profile.jobs_waiting() == 0
     assert client.hlen("unacked") == 0  # acked, not left for a redelivery
     events.close()
 

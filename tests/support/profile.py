@@ -19,6 +19,7 @@ from celery import Celery
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from dreamq import lanes
 from dreamq.settings import Settings
 from storage.apikeys import ApiKeyStore
 from storage.jobs import JobRecord, JobStore
@@ -69,6 +70,16 @@ class Profile:
 
     def broker(self) -> redis.Redis:
         return redis.Redis.from_url(self.broker_url)
+
+    def generate_lists(self) -> list[str]:
+        """The generation queue's broker lists, one per priority level (dreamq/lanes.py)."""
+        queue = self.settings.generate_queue
+        return [lanes.list_name(queue, level) for level in range(lanes.LEVELS)]
+
+    def jobs_waiting(self) -> int:
+        """Generation messages waiting in the broker, at every priority level."""
+        broker = self.broker()
+        return sum(int(broker.llen(name)) for name in self.generate_lists())
 
     def webhooks_queued(self) -> int:
         return int(self.broker().llen(self.settings.webhook_queue))
