@@ -486,12 +486,8 @@ def _meta(
 def job_shape(params: JobParams) -> eta.Shape:
     """The statistics' key for a job: a size the request left to the init image counts as the
     default size (the worker learns it under the size it generated)."""
-    return eta.Shape(
-        kind=params.kind,
-        width=params.width or DEFAULTS["width"],
-        height=params.height or DEFAULTS["height"],
-        steps=params.steps,
-        samples=params.samples * (params.num_frames or 1),
+    return eta.Shape.of(
+        params, params.width or DEFAULTS["width"], params.height or DEFAULTS["height"]
     )
 
 

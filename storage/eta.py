@@ -35,6 +35,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from dreamq.jobparams import JobParams
 from storage import keys
 
 ALPHA = 0.3
@@ -134,6 +135,12 @@ class Shape:
     steps: int
     samples: int
     """Images generated: samples, times frames for a video."""
+
+    @classmethod
+    def of(cls, params: JobParams, width: int, height: int) -> Shape:
+        """A job's shape at the size it runs at (the API may not know it yet: see job_shape)."""
+        frames = params.num_frames or 1
+        return cls(params.kind, width, height, params.steps, params.samples * frames)
 
     @property
     def field(self) -> str:

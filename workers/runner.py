@@ -229,13 +229,7 @@ class JobRunner:
         seconds = (translated - started) + generation.pipeline_seconds + self._clock() - generated
         width, height = images[0].size
         meta.update(W=width, H=height)
-        shape = Shape(
-            kind=params.kind,
-            width=generation.width,
-            height=generation.height,
-            steps=params.steps,
-            samples=params.samples * (params.num_frames or 1),
-        )
+        shape = Shape.of(params, generation.width, generation.height)
         return Computed(
             params=params,
             images=images,
