@@ -382,13 +382,17 @@ class DurationRecorder:
         `job_seconds`: how long the job held the worker, which is what the queue waits on and
         what the shape statistics learn."""
         stats = keys.model_stats(model_id)
+        pipe = self._r.pipeline(transaction=False)  # one round trip for every statistic
         if units > 0:
             per_unit = run_seconds / units
-            self._ewma(keys=[stats], args=["unit_seconds", per_unit, ALPHA, "1"])
+            self._ewma(keys=[stats], args=["unit_seconds", per_unit, ALPHA, "1"], client=pipe)
         if shape is not None:
-            self._ewma(keys=[stats], args=[shape.field, job_seconds, ALPHA, "0"])
-            self._fit(keys=[stats], args=[_fit_prefix(shape.kind), shape.units, job_seconds, DECAY])
-        self._ewma(keys=[keys.STATS_ALL], args=["job_seconds", job_seconds, ALPHA, "1"])
+            self._ewma(keys=[stats], args=[shape.field, job_seconds, ALPHA, "0"], client=pipe)
+            fit = [_fit_prefix(shape.kind), shape.units, job_seconds, DECAY]
+            self._fit(keys=[stats], args=fit, client=pipe)
+        fleet = ["job_seconds", job_seconds, ALPHA, "1"]
+        self._ewma(keys=[keys.STATS_ALL], args=fleet, client=pipe)
+        pipe.execute()
 
     def record_load(self, model_id: str, seconds: float) -> None:
         self._r.hset(keys.model_stats(model_id), "load_seconds", f"{seconds:.3f}")
