@@ -388,9 +388,9 @@ class DurationRecorder:
             self._ewma(keys=[stats], args=["unit_seconds", per_unit, ALPHA, "1"], client=pipe)
         if shape is not None:
             self._ewma(keys=[stats], args=[shape.field, job_seconds, ALPHA, "0"], client=pipe)
-            fit = [_fit_prefix(shape.kind), shape.units, job_seconds, DECAY]
+            fit: list[str | float] = [_fit_prefix(shape.kind), shape.units, job_seconds, DECAY]
             self._fit(keys=[stats], args=fit, client=pipe)
-        fleet = ["job_seconds", job_seconds, ALPHA, "1"]
+        fleet: list[str | float] = ["job_seconds", job_seconds, ALPHA, "1"]
         self._ewma(keys=[keys.STATS_ALL], args=fleet, client=pipe)
         pipe.execute()
 
