@@ -10,6 +10,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from dreamq import lanes
 from dreamq.cli import _print_table, _settings
 from dreamq.settings import Settings
 
@@ -172,9 +173,12 @@ def cmd_jobs_requeue(args: argparse.Namespace) -> int:
 def _redis_queue(client: redis.Redis, queue: str, task: str) -> tuple[dict[str, int], int]:
     """(messages waiting by priority, messages held unacknowledged) of a kombu Redis queue
     whose messages run `task`."""
-    from workers.reconciler import PRIORITY_SEPARATOR, PRIORITY_STEPS, UNACKED_KEY
+    from workers.reconciler import UNACKED_KEY
 
-    names = {"0": queue, **{str(n): f"{queue}{PRIORITY_SEPARATOR}{n}" for n in PRIORITY_STEPS}}
+    names = {
+        str(lanes.broker_priority(level)): lanes.list_name(queue, level)
+        for level in range(lanes.LEVELS)
+    }
     pipe = client.pipeline(transaction=False)
     for name in names.values():
         pipe.llen(name)

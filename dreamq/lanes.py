@@ -25,7 +25,8 @@ BROKER_PRIORITIES = (0, 3, 6, 9)
 BRPOP names the lists in this order, so a lower number is served first."""
 
 PRIORITY_SEPARATOR = "\x06\x16"
-"""kombu's Redis `Channel.sep`: a queue's list for priority n > 0 is `queue + sep + str(n)`."""
+"""kombu's Redis `Channel.sep`: a queue's list for priority n > 0 is `queue + sep + str(n)`; it
+also joins the fields of a queue's binding."""
 
 LEVELS = len(BROKER_PRIORITIES)
 

@@ -198,7 +198,7 @@ class RedisPublisher:
             return
         # The binding kombu's queue declaration writes (`Channel._queue_bind`): `routing key,
         # pattern, queue` for the default exchange. Workers write it too; nothing consumes by it.
-        member = KOMBU_SEP.join([self._queue, "", self._queue])
+        member = lanes.PRIORITY_SEPARATOR.join([self._queue, "", self._queue])
         pipe = self._client.pipeline(transaction=False)
         pipe.sadd(f"_kombu.binding.{self._queue}", member)
         pipe.sadd(f"_kombu.binding_permanent.{self._queue}", member)
@@ -210,9 +210,6 @@ class RedisPublisher:
 PUBLISH_RETRY_PAUSES = (0.0, 0.2, 0.4)
 """Seconds before each retry of a publish whose connection was lost: Celery's default
 task_publish_retry_policy (3 retries, 0 s then 0.2 s more each time)."""
-
-KOMBU_SEP = "\x06\x16"
-"""kombu's Redis transport separator (`Channel.sep`) in binding members and priority lists."""
 
 
 def task_message(
@@ -271,7 +268,6 @@ class RecordingPublisher:
 
     def __init__(self) -> None:
         self.jobs: list[int] = []
-        self.levels: list[int] = []
         self.webhooks: list[int] = []
         self.fail_with: Exception | None = None
 
@@ -279,7 +275,6 @@ class RecordingPublisher:
         if self.fail_with:
             raise self.fail_with
         self.jobs.append(job_id)
-        self.levels.append(level)
 
     def publish_webhook(self, job_id: int) -> None:
         self.webhooks.append(job_id)
@@ -290,11 +285,9 @@ class AsyncRecordingPublisher:
 
     def __init__(self) -> None:
         self.jobs: list[int] = []
-        self.levels: list[int] = []
         self.fail_with: Exception | None = None
 
     async def publish_job(self, job_id: int, level: int = 0) -> None:
         if self.fail_with:
             raise self.fail_with
         self.jobs.append(job_id)
-        self.levels.append(level)

@@ -48,10 +48,6 @@ UNACKED_KEY = "unacked"
 """kombu's Redis transport: hash of delivery tag -> [message, exchange, routing key] of every
 message a consumer holds (its `unacked_key` transport option, left at its default)."""
 
-PRIORITY_SEPARATOR = lanes.PRIORITY_SEPARATOR
-PRIORITY_STEPS = lanes.BROKER_PRIORITIES[1:]
-"""kombu's Redis transport keeps a queue's prioritised messages in lists `<queue>\\x06\\x16<n>`
-(dreamq publishes its priority levels there, dreamq/lanes.py)."""
 
 SCAN_BATCH = 1000
 
@@ -98,7 +94,8 @@ class RedisBrokerView:
     def contents(self) -> BrokerContents:
         found = BrokerContents(set(), set())
         for queue in self._queues:
-            for name in (queue, *(f"{queue}{PRIORITY_SEPARATOR}{n}" for n in PRIORITY_STEPS)):
+            # One list per priority level (dreamq/lanes.py).
+            for name in (lanes.list_name(queue, level) for level in range(lanes.LEVELS)):
                 self._scan_list(name, found)
         # Bounded by the consumers' prefetch: one message per pool process, plus held retries.
         for raw in self._r.hvals(UNACKED_KEY):
