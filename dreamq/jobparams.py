@@ -8,6 +8,7 @@ message is fit for clients. Torch-free: both sides import it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -92,6 +93,48 @@ class JobParams:
     def outputs(self) -> int:
         """Files a job writes: one video, or one image per sample."""
         return 1 if self.kind == "text2video" else self.samples
+
+    def batch_key(self) -> str | None:
+        """What this job shares with every job it can be drawn with in one pipeline call of the
+        same model, each keeping its own prompt, negative prompt text, seed and samples; None for
+        a job that is never batched. Deterministic text (no ``hash()``), so that processes agree.
+
+        Left out: panorama and self-attention guidance (their pipelines draw each sample alone),
+        the highres fix (two calls), text-to-video, token merging (seeded per job), img2img or
+        inpainting without an explicit size (each init image sets its own), and inpainting of
+        several samples: alone, diffusers 0.42.1 encodes its one init image with the first
+        sample's generator for all samples; batched, each sample's copy is encoded with its own
+        generator, which changes every sample but the first. Everything that changes the shared
+        call is in the key; what each job keeps (post-processing, output, inputs) is not.
+        Whether a negative prompt is given is: SDXL zeroes the negative embeddings when it is
+        None, so None and "" draw differently.
+        """
+        if self.width is None or self.height is None or self.tomesd:
+            return None
+        if self.kind == "text2video" or self.panorama or self.self_attention or self.highres_fix:
+            return None
+        if self.kind == "inpaint" and self.samples > 1:
+            return None
+        # dreamq.capabilities.effective_strength, which imports this module.
+        strength = DEFAULT_STRENGTH if self.strength is None else self.strength
+        shared = {
+            "kind": self.kind,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            # float(): a record may hold 7 where another holds 7.0; the call is the same.
+            "guidance_scale": float(self.guidance_scale),
+            "scheduler": self.scheduler,
+            "use_karras_sigmas": self.use_karras_sigmas,
+            "algorithm_type": self.algorithm_type,
+            "loras": [[lora.id, float(lora.strength)] for lora in self.loras],
+            "embedding": self.embedding,
+            "vae": self.vae,
+            "clip_skip": self.clip_skip,
+            "strength": None if self.kind == "txt2img" else float(strength),
+            "negative_prompt": self.negative_prompt is not None,
+        }
+        return json.dumps(shared, sort_keys=True, separators=(",", ":"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,11 +11,13 @@ safety-checks and encodes after.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -32,8 +34,17 @@ from dreamq.registry import Registry
 from dreamq.schedulers import ALGORITHM_TYPES, SchedulerChoice, resolve_scheduler_name
 from workers.models import LoadedModel, PipelineCache
 from workers.pipelines import features, img2img, inpaint, text2video, txt2img
-from workers.pipelines.common import SEED_LIMIT, JobCall, OnStep, fit, output_size
+from workers.pipelines.common import (
+    SEED_LIMIT,
+    BatchedJob,
+    JobCall,
+    OnStep,
+    fit,
+    output_size,
+)
 from workers.schedulers import make_scheduler
+
+_Input = TypeVar("_Input")
 
 
 class JobRefused(ValueError):
@@ -99,41 +110,162 @@ class Generator:
         that downloads started earlier (workers/prefetch.py) overlap that preparation."""
         self.check(model_id, params)
         with self._cache.use(model_id) as loaded:
-            scheduler = self._scheduler_choice(loaded, params)
-            clip_skip = self._clip_skip(loaded, params)
-            if params.self_attention and scheduler.class_name not in SAG_SCHEDULERS:
-                raise JobRefused({"self_attention": [sag_scheduler_message(scheduler.class_name)]})
-            job = JobCall(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                seed=params.seed,
-                samples=params.samples,
-                clip_skip=clip_skip,
-                scheduler=partial(_make_scheduler, scheduler, loaded, params),
-                on_step=on_step,
-            )
+            job = self._job_call(loaded, params, on_step)
             pipes = self._pipelines(loaded, params)
-            vae = self._cache.vae(params.vae, loaded) if params.vae is not None else None
-            with ExitStack() as scope:
-                scope.enter_context(features.loras(self._cache, loaded, params.loras))
-                embedding = self._registry.embeddings.get(params.embedding or "")
-                scope.enter_context(features.embedding(loaded, params.embedding, embedding))
-                scope.enter_context(features.vae(list(pipes.values()), vae))
-                scope.enter_context(
-                    features.token_merging(loaded.pipe.unet, params.tomesd, params.seed)
-                )
-                scope.enter_context(features.clip_skip(loaded.pipe, clip_skip is not None))
-                if params.self_attention:
-                    scope.enter_context(features.attention_processors(loaded.pipe.unet))
+            with self._features(loaded, params, pipes):
                 if inputs is not None:
                     init_image, mask_image = inputs()
                 width, height = output_size(params.width, params.height, init_image)
-                images = self._generate(pipes, job, params, width, height, init_image, mask_image)
+                fitted = (
+                    []
+                    if params.kind in ("txt2img", "text2video")
+                    else [_fit_inputs(params, (width, height), init_image, mask_image)]
+                )
+                images = self._generate(pipes, job, params, width, height, fitted)
         return Generation(
             images=images, width=width, height=height, pipeline_seconds=job.pipeline_seconds
         )
+
+    def run_batch(
+        self,
+        model_id: str,
+        batch: Sequence[JobParams],
+        *,
+        inputs: Sequence[Callable[[], tuple[Image.Image | None, Image.Image | None]] | None],
+    ) -> list[Generation | Exception]:
+        """Generate the images of jobs with one batch key (``JobParams.batch_key``) in a single
+        pipeline call: on a GPU with room to spare, several small jobs take little longer than
+        one.
+
+        ``inputs[i]`` takes job i's (init, mask) images as ``run``'s ``inputs`` does (None for
+        txt2img). Slot i of the result holds job i's Generation, or the exception that failed
+        it: its check, its inputs (the job is then left out of the call, the others still run),
+        or the shared call's, which fails every job in it. Each job's images equal its images
+        alone up to float noise (batched convolutions add in another order); its
+        ``pipeline_seconds`` is its share of the call, by samples. Raises ValueError only for a
+        batch not formed by key, a caller's bug.
+        """
+        if len(inputs) != len(batch):
+            raise ValueError("A batch needs one inputs entry per job.")
+        keys = {params.batch_key() for params in batch}
+        if len(keys) != 1 or None in keys:
+            raise ValueError("The jobs of a batch must share one batch key.")
+        if len(batch) == 1:
+            try:
+                return [self.run(model_id, batch[0], inputs=inputs[0])]
+            except Exception as exc:
+                return [exc]
+        results: dict[int, Generation | Exception] = {}
+        checked: list[int] = []
+        for index, params in enumerate(batch):
+            try:
+                self.check(model_id, params)
+            except Exception as exc:
+                results[index] = exc
+            else:
+                checked.append(index)
+        if checked:
+            try:
+                self._run_together(model_id, batch, inputs, checked, results)
+            except Exception as exc:
+                for index in checked:
+                    results.setdefault(index, exc)
+        return [results[index] for index in range(len(batch))]
+
+    def _run_together(
+        self,
+        model_id: str,
+        batch: Sequence[JobParams],
+        inputs: Sequence[Callable[[], tuple[Image.Image | None, Image.Image | None]] | None],
+        checked: list[int],
+        results: dict[int, Generation | Exception],
+    ) -> None:
+        """``run_batch``'s one call for the jobs at ``checked``: a Generation into ``results``
+        for each, or the exception of its inputs; the call's own failure propagates."""
+        lead = batch[checked[0]]
+        width, height = output_size(lead.width, lead.height, None)
+        with self._cache.use(model_id) as loaded:
+            pipes = self._pipelines(loaded, lead)
+            # The key makes every job's features the same: the first job's stand for all.
+            with self._features(loaded, lead, pipes):
+                drawn: list[int] = []
+                fitted: list[tuple[Image.Image, Image.Image | None]] = []
+                for index in checked:
+                    take = inputs[index]
+                    try:
+                        init_image, mask_image = (None, None) if take is None else take()
+                        if batch[index].kind != "txt2img":
+                            fitted.append(
+                                _fit_inputs(batch[index], (width, height), init_image, mask_image)
+                            )
+                    except Exception as exc:
+                        results[index] = exc
+                    else:
+                        drawn.append(index)
+                if not drawn:
+                    return
+                first, *others = (batch[index] for index in drawn)
+                job = self._job_call(loaded, first, batched=others)
+                images = iter(self._generate(pipes, job, first, width, height, fitted))
+        samples = sum(batch[index].samples for index in drawn)
+        for index in drawn:
+            share = batch[index].samples
+            results[index] = Generation(
+                images=list(itertools.islice(images, share)),
+                width=width,
+                height=height,
+                pipeline_seconds=job.pipeline_seconds * share / samples,
+            )
+
+    def _job_call(
+        self,
+        loaded: LoadedModel,
+        params: JobParams,
+        on_step: OnStep | None = None,
+        *,
+        batched: Sequence[JobParams] = (),
+    ) -> JobCall:
+        """The call settings of ``params`` (and of the jobs batched with it, which share them
+        but for their prompts, seeds and samples)."""
+        scheduler = self._scheduler_choice(loaded, params)
+        clip_skip = self._clip_skip(loaded, params)
+        if params.self_attention and scheduler.class_name not in SAG_SCHEDULERS:
+            raise JobRefused({"self_attention": [sag_scheduler_message(scheduler.class_name)]})
+        return JobCall(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            seed=params.seed,
+            samples=params.samples,
+            clip_skip=clip_skip,
+            scheduler=partial(_make_scheduler, scheduler, loaded, params),
+            on_step=on_step,
+            batched=tuple(
+                BatchedJob(other.prompt, other.negative_prompt, other.seed, other.samples)
+                for other in batched
+            ),
+        )
+
+    @contextmanager
+    def _features(
+        self, loaded: LoadedModel, params: JobParams, pipes: dict[str, DiffusionPipeline]
+    ) -> Iterator[None]:
+        """The job's features on the model's shared modules, switched off again at the end."""
+        vae = self._cache.vae(params.vae, loaded) if params.vae is not None else None
+        with ExitStack() as scope:
+            scope.enter_context(features.loras(self._cache, loaded, params.loras))
+            embedding = self._registry.embeddings.get(params.embedding or "")
+            scope.enter_context(features.embedding(loaded, params.embedding, embedding))
+            scope.enter_context(features.vae(list(pipes.values()), vae))
+            scope.enter_context(
+                features.token_merging(loaded.pipe.unet, params.tomesd, params.seed)
+            )
+            # _clip_skip (in _job_call) has refused a skip beyond the text encoder.
+            scope.enter_context(features.clip_skip(loaded.pipe, params.clip_skip != 1))
+            if params.self_attention:
+                scope.enter_context(features.attention_processors(loaded.pipe.unet))
+            yield
 
     def _generate(
         self,
@@ -142,9 +274,10 @@ class Generator:
         params: JobParams,
         width: int,
         height: int,
-        init_image: Image.Image | None,
-        mask_image: Image.Image | None,
+        fitted: Sequence[tuple[Image.Image, Image.Image | None]],
     ) -> list[Image.Image]:
+        """The images of ``job`` (and of the jobs batched with it); ``fitted`` holds each job's
+        (init, mask) images from ``_fit_inputs``, none for text-only kinds."""
         if params.kind == "text2video":
             assert params.num_frames is not None  # JobParams.check
             return text2video.generate(pipes["main"], job, width, height, params.num_frames)
@@ -154,16 +287,13 @@ class Generator:
             if params.highres_fix:
                 return txt2img.generate_highres(pipes["main"], pipes["second"], job, width, height)
             return txt2img.generate(pipes["main"], job, width, height)
-        if init_image is None:
-            raise ValueError("The job has no init image.")
-        image = fit(init_image, (width, height))
         strength = effective_strength(params)
+        images = _per_image(job, [image for image, _ in fitted])
         if params.kind == "img2img":
-            return img2img.generate(pipes["main"], job, [image], strength=strength)
-        if mask_image is None:
-            raise ValueError("The job has no mask image.")
-        mask = fit(mask_image, (width, height), mask=True)
-        return inpaint.generate(pipes["main"], job, image, mask, strength=strength)
+            return img2img.generate(pipes["main"], job, images, strength=strength)
+        # _fit_inputs gives every inpainting job its mask.
+        masks = _per_image(job, [mask for _, mask in fitted if mask is not None])
+        return inpaint.generate(pipes["main"], job, images, masks, strength=strength)
 
     def _pipelines(self, loaded: LoadedModel, params: JobParams) -> dict[str, DiffusionPipeline]:
         """The pipelines the job calls: ``main``, and ``second`` for the highres fix."""
@@ -207,6 +337,33 @@ class Generator:
                 }
             )
         return params.clip_skip - 1
+
+
+def _fit_inputs(
+    params: JobParams,
+    size: tuple[int, int],
+    init_image: Image.Image | None,
+    mask_image: Image.Image | None,
+) -> tuple[Image.Image, Image.Image | None]:
+    """The init image (and the mask, for inpainting) at the output size; ValueError, fit for
+    clients, when the job lacks one."""
+    if init_image is None:
+        raise ValueError("The job has no init image.")
+    if params.kind != "inpaint":
+        return fit(init_image, size), None
+    if mask_image is None:
+        raise ValueError("The job has no mask image.")
+    return fit(init_image, size), fit(mask_image, size, mask=True)
+
+
+def _per_image(job: JobCall, per_job: list[_Input]) -> list[_Input]:
+    """Inputs given one per job, as the kind modules take them: a single job's one input serves
+    all of its samples; jobs batched together give one per image, each job's repeated for its
+    samples."""
+    if not job.batched:
+        return per_job
+    counts = [job.samples, *(other.samples for other in job.batched)]
+    return [item for item, count in zip(per_job, counts, strict=True) for _ in range(count)]
 
 
 def _make_scheduler(

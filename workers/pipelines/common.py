@@ -1,8 +1,9 @@
 """What every pipeline module shares: the job's call settings, seeding, progress, sizing.
 
-A ``JobCall`` is built once per job by workers/generate.py and handed to the kind module, which
-only assembles its pipeline's arguments and calls ``job.invoke(pipe, ...)``: the scheduler,
-seeding, progress reporting and timing are the same for every kind.
+A ``JobCall`` is built once per job (or once for jobs batched into one call) by
+workers/generate.py and handed to the kind module, which only assembles its pipeline's arguments
+and calls ``job.invoke(pipe, ...)``: the scheduler, seeding, progress reporting and timing are the
+same for every kind.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ SEED_LIMIT = 2**64
 SIZE_MULTIPLE = 8
 
 
+@dataclass(frozen=True, slots=True)
+class BatchedJob:
+    """What a job drawn in another job's pipeline call keeps its own (Generator.run_batch)."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    samples: int
+
+
 @dataclass(slots=True)
 class JobCall:
     """One job's settings shared by all of its pipeline calls, and their running totals."""
@@ -45,6 +56,10 @@ class JobCall:
     scheduler: Callable[[], SchedulerMixin]
     """A fresh scheduler for each call: schedulers keep per-run state."""
     on_step: OnStep | None = None
+    batched: tuple[BatchedJob, ...] = ()
+    """Jobs drawn in the same single call, after this job's samples: all with a negative prompt
+    or all without, like this job. Read through ``sample_arguments`` and ``image_arguments``,
+    which only the kinds' plain ``generate`` calls use: the other calls are never batched."""
     pipeline_seconds: float = 0.0
     _done: int = 0
     _total: int = 0
@@ -82,12 +97,42 @@ class JobCall:
         return count
 
     def generators(self, count: int | None = None, offset: int = 0) -> list[torch.Generator]:
-        # CPU generators draw the same starting noise on every device, so a seed reproduces an
-        # image across CPU and GPU workers; drawing the latents on the CPU costs nothing.
         return [
-            torch.Generator(device="cpu").manual_seed(self.seed + offset + index)
+            _generator(self.seed + offset + index)
             for index in range(self.samples if count is None else count)
         ]
+
+    def sample_arguments(self) -> dict[str, Any]:
+        """Prompts, images per prompt and generators of a call that draws all of the job's
+        samples (and those of the jobs batched with it)."""
+        if self.batched:
+            return self.image_arguments()
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "num_images_per_prompt": self.samples,
+            "generator": self.generators(),
+        }
+
+    def image_arguments(self) -> dict[str, Any]:
+        """The same, one prompt and generator per image: each job's samples after the previous
+        job's, sample i seeded with its job's seed + i, as when the job runs alone. diffusers
+        repeats every prompt ``num_images_per_prompt`` times, so prompts that change from image
+        to image take 1 (a single prompt string would make a batch of one)."""
+        jobs = [
+            BatchedJob(self.prompt, self.negative_prompt, self.seed, self.samples),
+            *self.batched,
+        ]
+        return {
+            "prompt": [job.prompt for job in jobs for _ in range(job.samples)],
+            "negative_prompt": None
+            if self.negative_prompt is None
+            else [job.negative_prompt for job in jobs for _ in range(job.samples)],
+            "num_images_per_prompt": 1,
+            "generator": [
+                _generator(job.seed + index) for job in jobs for index in range(job.samples)
+            ],
+        }
 
     def common_arguments(self) -> dict[str, Any]:
         """The arguments every text-conditioned pipeline call of the job takes."""
@@ -143,6 +188,12 @@ class JobCall:
             self._report()
 
         return {"callback": legacy, "callback_steps": 1}
+
+
+def _generator(seed: int) -> torch.Generator:
+    # CPU generators draw the same starting noise on every device, so a seed reproduces an
+    # image across CPU and GPU workers; drawing the latents on the CPU costs nothing.
+    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _calls_back_per_timestep(pipe: DiffusionPipeline) -> bool:

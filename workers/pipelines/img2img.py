@@ -34,31 +34,22 @@ def generate(
     strength: float,
     steps: int | None = None,
 ) -> list[Image.Image]:
-    """``job.samples`` redraws of one init image, or one redraw of each of several images (the
-    highres fix's second pass); result i is seeded seed + i either way."""
+    """``job.samples`` redraws of one init image; or one redraw of each image, which come one
+    per image of the call (the highres fix's second pass, or jobs batched together, each job's
+    image repeated for its samples). Result i is seeded as ``JobCall.image_arguments`` says
+    either way."""
     check_inputs(steps or job.steps, strength)
     arguments = job.common_arguments()
     if steps is not None:
         arguments["num_inference_steps"] = steps
     if len(images) == 1:
-        batch: dict[str, object] = {"image": images[0], "num_images_per_prompt": job.samples}
-        generators = job.generators()
+        per_image = {"image": images[0]} | job.sample_arguments()
     else:
-        # One prompt per image: a single prompt string would make a batch of one.
-        batch = {
-            "image": images,
-            "num_images_per_prompt": 1,
-            "prompt": [job.prompt] * len(images),
-            "negative_prompt": None
-            if job.negative_prompt is None
-            else [job.negative_prompt] * len(images),
-        }
-        generators = job.generators(len(images))
+        per_image = {"image": images} | job.image_arguments()
     result = job.invoke(
         pipe,
-        **(arguments | batch),
+        **(arguments | per_image),
         strength=strength,
-        generator=generators,
         output_type="pil",
     )
     return list(result.images)

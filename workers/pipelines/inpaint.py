@@ -25,23 +25,26 @@ def check_inputs(image: Image.Image, mask: Image.Image, steps: int, strength: fl
 def generate(
     pipe: DiffusionPipeline,
     job: JobCall,
-    image: Image.Image,
-    mask: Image.Image,
+    images: list[Image.Image],
+    masks: list[Image.Image],
     *,
     strength: float,
 ) -> list[Image.Image]:
-    """``job.samples`` inpaintings of ``image`` (both inputs already at the output size)."""
-    check_inputs(image, mask, job.steps, strength)
+    """``job.samples`` inpaintings of one image with its mask; or one of each image, which come
+    one per image of the call (jobs batched together, each job's inputs repeated for its
+    samples). All inputs are already at the output size."""
+    for image, mask in zip(images, masks, strict=True):
+        check_inputs(image, mask, job.steps, strength)
+    if len(images) == 1:
+        per_image = {"image": images[0], "mask_image": masks[0]} | job.sample_arguments()
+    else:
+        per_image = {"image": images, "mask_image": masks} | job.image_arguments()
     result = job.invoke(
         pipe,
-        **job.common_arguments(),
-        image=image,
-        mask_image=mask,
-        width=image.width,
-        height=image.height,
+        **(job.common_arguments() | per_image),
+        width=images[0].width,
+        height=images[0].height,
         strength=strength,
-        num_images_per_prompt=job.samples,
-        generator=job.generators(),
         output_type="pil",
     )
     return list(result.images)

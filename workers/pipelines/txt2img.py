@@ -24,14 +24,13 @@ HIGHRES_MIN_SIZE = 64
 
 
 def generate(pipe: DiffusionPipeline, job: JobCall, width: int, height: int) -> list[Image.Image]:
-    """``job.samples`` images in one batched call (StableDiffusion, StableDiffusionXL, SAG)."""
+    """``job.samples`` images, and those of the jobs batched with it, in one call
+    (StableDiffusion, StableDiffusionXL, SAG)."""
     result = job.invoke(
         pipe,
-        **job.common_arguments(),
+        **(job.common_arguments() | job.sample_arguments()),
         width=width,
         height=height,
-        num_images_per_prompt=job.samples,
-        generator=job.generators(),
         output_type="pil",
     )
     return list(result.images)
