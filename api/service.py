@@ -158,6 +158,8 @@ class DreamboothService:
                 track_id=request.track_id,
                 queue=self._settings.generate_queue,
                 level=level,
+                batch_key=batch_key(request.model_id, params),
+                samples=params.samples,
             ),
             plan=plan,
             marker=marker,
@@ -512,3 +514,9 @@ def _url_refusals(
         if reason is not None:
             errors[field] = [f"The {attribute(field)} URL is not allowed: {reason}."]
     return errors
+
+
+def batch_key(model_id: str, params: JobParams) -> str:
+    """The record's batch key: jobs with the same one can share a worker's pipeline call."""
+    key = params.batch_key()
+    return "" if key is None else f"{model_id}\n{key}"

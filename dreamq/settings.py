@@ -217,6 +217,14 @@ class Settings(BaseSettings):
         description="A key with this many unfinished jobs queues its next ones one priority level "
         "lower, behind other keys' fresh work of its lane; 0 turns fair sharing off.",
     )
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description="The most images a worker makes in one pipeline call for queued jobs that "
+        "can share it (same model, kind, size, steps, scheduler, guidance, LoRA set); 1 turns "
+        "batching off. The default is the contract's largest samples, so a batch never needs "
+        "more memory than one allowed job.",
+    )
     duplicate_window_seconds: int = Field(
         0,
         ge=0,

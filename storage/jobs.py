@@ -85,6 +85,11 @@ class NewJob:
     """The owner key's name (never the key): workers log it on the job's lines."""
     level: int = 0
     """Its priority level (dreamq/lanes.py): 0 is served first."""
+    batch_key: str = ""
+    """Jobs with the same non-empty key (model included) can share one pipeline call
+    (`JobParams.batch_key`)."""
+    samples: int = 1
+    """Images it asks for: what it adds to a shared call's batch."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,8 @@ class JobRecord:
     queue: str = ""
     owner_name: str = ""
     level: int = 0
+    batch_key: str = ""
+    samples: int = 1
 
     def remaining_seconds(self, now: float) -> float:
         """Seconds until the output is expected: from the submission estimate while queued,
@@ -179,6 +186,8 @@ def decode(raw: dict[str, str]) -> JobRecord:
         queue=raw.get("queue", ""),
         owner_name=raw.get("owner_name", ""),
         level=int(raw.get("level") or 0),
+        batch_key=raw.get("batch_key", ""),
+        samples=int(raw.get("samples") or 1),
     )
 
 
@@ -504,6 +513,8 @@ def _new_job_fields(job: NewJob, now: float) -> dict[str, Any]:
         "queue": job.queue,
         "owner_name": job.owner_name,
         "level": job.level,
+        "batch_key": job.batch_key,
+        "samples": job.samples,
     }
 
 
@@ -597,25 +608,51 @@ class JobStore:
         """Claim a delivered job for the process holding `token` (a lease of `lease_seconds`,
         taken atomically with the move to processing, the attempt counted). A job whose lease
         another process holds is left alone; a job out of attempts is failed here, once."""
-        lease = Lease("take", token, self._lease_seconds, self._max_attempts)
         now = self._clock()
-        result = self.transition(
-            job_id, JobStatus.PROCESSING, attempts=1, lease=lease, started_at=now
-        )
+        reply = self._transition(keys=_transition_keys(job_id), args=self._take(token, now))
+        result = _result(reply)
         if result.applied:
             return Claim(ClaimOutcome.CLAIMED, self.get(job_id))
         if result.leased:
             left = int(self._r.pttl(keys.job_lease(job_id)))
             return Claim(ClaimOutcome.LEASED, lease_left=max(left, 0) / 1000)
         if result.exhausted:
-            job = self.get(job_id)
-            done = job is not None and self.fail(job_id, attempts_exhausted_message(job.attempts))
-            return (
-                Claim(ClaimOutcome.EXHAUSTED, self.get(job_id))
-                if done
-                else Claim(ClaimOutcome.GONE)
-            )
+            return self.fail_exhausted(job_id)
         return Claim(ClaimOutcome.GONE)
+
+    def _take(self, token: str, now: float) -> list[Any]:
+        lease = Lease("take", token, self._lease_seconds, self._max_attempts)
+        fields = {"started_at": now}
+        return _transition_args(JobStatus.PROCESSING, self._ttl, 1, fields, now, lease)
+
+    def queue_acquire(self, pipe: Any, job_id: int, token: str, now: float) -> None:
+        """`acquire`'s transition, queued on `pipe` (storage/claims.py claims several in one
+        round trip); its reply is the transition script's."""
+        self._transition(keys=_transition_keys(job_id), args=self._take(token, now), client=pipe)
+
+    def fail_exhausted(self, job_id: int) -> Claim:
+        """Fail a job whose claim found its attempts used up (once: the claim that applies
+        the failure gets EXHAUSTED, any other GONE)."""
+        job = self.get(job_id)
+        done = job is not None and self.fail(job_id, attempts_exhausted_message(job.attempts))
+        return Claim(ClaimOutcome.EXHAUSTED, self.get(job_id)) if done else Claim(ClaimOutcome.GONE)
+
+    def leased_by(self, owner: str) -> dict[int, str]:
+        """The running jobs whose lease a token of `owner` (a `lease_owner` prefix) holds, with
+        that token: what a pool process that died leaves behind (the jobs it claimed for its
+        message, a job whose tail was still storing)."""
+        running = [int(_text(i)) for i in self._r.zrange(keys.RUNNING_JOBS, 0, -1)]
+        if not running:
+            return {}
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in running:
+            pipe.get(keys.job_lease(job_id))
+        holders = pipe.execute()
+        return {
+            job_id: _text(holder)
+            for job_id, holder in zip(running, holders, strict=True)
+            if holder is not None and _text(holder).startswith(owner)
+        }
 
     def release_lease(self, job_id: int, owner: str) -> bool:
         """Free the job's lease if a token of `owner` (a `lease_owner` prefix) holds it."""

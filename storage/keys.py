@@ -49,6 +49,11 @@ WORKER_MODELS_EXPIRY = f"{PREFIX}:workers:models:expiry"
 """Sorted set of the `WORKER_MODELS` fields scored by the time after which the entry is dead: the
 process's control loop pushes it forward; readers drop entries past it."""
 
+WORKER_BUSY = f"{PREFIX}:workers:busy"
+"""Hash worker process name -> JSON {"node": its Celery node name, "until": when the work it
+claimed last is expected to end}: written by every claim (storage/claims.py), read by the
+others to judge whether a queued job is better left to a process that holds its model warm."""
+
 WEBHOOKS_PENDING = f"{PREFIX}:webhooks:pending"
 """Sorted set of finished jobs whose webhook delivery is still pending, scored by when its next
 attempt is due: the reconciler re-drives a delivery whose broker message was lost."""

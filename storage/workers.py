@@ -55,8 +55,9 @@ INDEX_MAX_AGE = 24 * 3600.0
 
 OK, STALE, STALLED = "ok", "stale", "stalled"
 
-# KEYS: models hash, expiry zset. ARGV: now. Drops every models entry whose deadline passed (or
-# that has none), atomically with respect to the control loops that write both.
+# KEYS: models hash, expiry zset, busy notes. ARGV: now. Drops every models entry (and its busy
+# note) whose deadline passed (or that has none), atomically with respect to the control loops
+# that write both.
 _PRUNE_MODELS = """
 local now = tonumber(ARGV[1])
 local removed = {}
@@ -64,6 +65,7 @@ for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
   local deadline = redis.call('ZSCORE', KEYS[2], name)
   if (not deadline) or tonumber(deadline) < now then
     redis.call('HDEL', KEYS[1], name)
+    redis.call('HDEL', KEYS[3], name)
     table.insert(removed, name)
   end
 end
@@ -212,6 +214,7 @@ class WorkerStore:
         gone = [process_name(record.host, pid) for pid in gone_pids]
         if gone:
             pipe.hdel(keys.WORKER_MODELS, *gone)
+            pipe.hdel(keys.WORKER_BUSY, *gone)
             pipe.zrem(keys.WORKER_MODELS_EXPIRY, *gone)
         pipe.execute()
         if serving:
@@ -240,12 +243,14 @@ class WorkerStore:
             return
         pipe = self._r.pipeline(transaction=True)
         pipe.hdel(keys.WORKER_MODELS, *names)
+        pipe.hdel(keys.WORKER_BUSY, *names)
         pipe.zrem(keys.WORKER_MODELS_EXPIRY, *names)
         pipe.execute()
 
     def prune_models(self, now: float) -> list[str]:
         """Drop the model lists past their deadline (or with none); the names dropped."""
-        removed = self._prune(keys=[keys.WORKER_MODELS, keys.WORKER_MODELS_EXPIRY], args=[now])
+        names = [keys.WORKER_MODELS, keys.WORKER_MODELS_EXPIRY, keys.WORKER_BUSY]
+        removed = self._prune(keys=names, args=[now])
         return [_text(name) for name in removed]
 
     def process_models(self, now: float) -> dict[str, list[str]]:

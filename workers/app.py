@@ -9,6 +9,7 @@ in the parent.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import socket
@@ -29,10 +30,13 @@ from celery.signals import (
     worker_shutdown,
     worker_shutting_down,
 )
+from celery.utils.nodenames import worker_direct
 
+from dreamq import lanes
 from dreamq.queue import GENERATE_TASK, WEBHOOK_TASK, CeleryPublisher, make_celery
 from dreamq.registry import Registry, load_registry
 from dreamq.settings import Settings
+from storage.claims import ClaimStore
 from storage.eta import DurationRecorder
 from storage.jobs import JobStore
 from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX
@@ -103,7 +107,7 @@ class WorkerRuntime:
         from workers.helpers import HelperModels
         from workers.inputs import InputLoader
         from workers.models import PipelineCache
-        from workers.runner import JobRunner
+        from workers.runner import JobRunner, Routing
 
         settings = self.settings
         registry = _registry(settings)
@@ -154,6 +158,13 @@ class WorkerRuntime:
         def fetch_image(ref: Any, field: str) -> Any:
             return loader.load(ref, field=field)
 
+        routing = Routing(
+            claims=ClaimStore(client, jobs),
+            warm=cache.loaded_ids,
+            process=control.name,
+            batch_images=settings.batch_size,
+            hand_off=functools.partial(_hand_off, self.app),
+        )
         return JobRunner(
             jobs=jobs,
             objects=objects,
@@ -167,7 +178,21 @@ class WorkerRuntime:
             on_finished=metrics.job_finished,
             finisher=finisher,
             overlap_inputs=True,
+            routing=routing,
         )
+
+
+def _hand_off(app: Celery, job_id: int, level: int, node: str) -> None:
+    """A message for the job to Celery node `node` alone (its worker-direct queue), marked as
+    handed over (workers/routing.py)."""
+    priority = {"priority": lanes.broker_priority(level)} if level else {}
+    app.send_task(
+        GENERATE_TASK,
+        args=[job_id],
+        kwargs={"routed": True},
+        queue=worker_direct(node),
+        **priority,
+    )
 
 
 def _expire_temp_outputs(objects: ObjectStore) -> None:
@@ -204,9 +229,15 @@ def create_worker_app(settings: Settings, role: str) -> Celery:
     # runs again a job its dead process was still storing (workers/supervision.py).
     supervisor = JobSupervisor(settings, app)
 
+    if role == "generate":
+        # Each worker node also consumes a queue of its own: a node that holds a job's model
+        # warm is handed that job's message there (workers/routing.py).
+        app.conf.worker_direct = True
+
     @app.task(name=GENERATE_TASK, bind=True, Request=supervised_request(supervisor))
-    def generate(self: Any, job_id: int) -> None:
-        look_again = runtime.parts().runner.run(int(job_id))
+    def generate(self: Any, job_id: int, routed: bool = False) -> None:
+        node = str(self.request.hostname or "")
+        look_again = runtime.parts().runner.run(int(job_id), node=node, routed=bool(routed))
         if look_again is not None:  # a duplicate delivery: ask again once the lease expired
             raise self.retry(countdown=look_again, max_retries=None)
 

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -27,8 +27,9 @@ from dreamq import logs
 from dreamq.errors import PublicJobError
 from dreamq.jobparams import JobParams
 from dreamq.queue import Publisher
+from storage.claims import ClaimStore
 from storage.eta import DurationRecorder, Shape
-from storage.jobs import ClaimOutcome, JobRecord, JobStore, new_lease_token
+from storage.jobs import Claim, ClaimOutcome, JobRecord, JobStore, new_lease_token
 from storage.layout import output_key
 from storage.objects import ObjectStore
 from workers.encode import encode_png, encode_video, to_base64
@@ -37,11 +38,15 @@ from workers.generate import Generation
 from workers.helpers import HelperModels
 from workers.models import ModelLoadError
 from workers.prefetch import FetchImage, Inputs, start_inputs
+from workers.routing import plan
 from workers.supervision import TIMEOUT_FAILURE
 
 log = logging.getLogger("dreamq.worker")
 
 GENERIC_FAILURE = "Generation failed; the error was logged on the worker."
+
+CLAIM_TRIES = 3
+"""Reads of the queue's head a message makes when other processes claim first what it chose."""
 
 
 class Generates(Protocol):
@@ -56,6 +61,14 @@ class Generates(Protocol):
         mask_image: Image.Image | None = None,
         inputs: Callable[[], Inputs] | None = None,
     ) -> Generation: ...
+
+    def run_batch(
+        self,
+        model_id: str,
+        batch: Sequence[JobParams],
+        *,
+        inputs: Sequence[Callable[[], Inputs] | None],
+    ) -> list[Generation | Exception]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +88,35 @@ class Computed:
     """Wall time inside the pipeline calls alone (the duty cycle's numerator)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A claimed job made ready for its pipeline call: checked, translated, inputs on their way."""
+
+    job: JobRecord
+    params: JobParams
+    meta: dict[str, Any]
+    inputs: Callable[[], Inputs]
+    upscaler: Any
+    checker: Any
+    translation_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """How a worker process chooses its work (workers/routing.py); without it a message runs
+    its own job."""
+
+    claims: ClaimStore
+    warm: Callable[[], Iterable[str]]
+    """The models this process holds now."""
+    process: str
+    """This process's '<host>:<pid>'."""
+    batch_images: int = 1
+    """The most images one pipeline call makes for a batch of jobs (1: no batching)."""
+    hand_off: Callable[[int, int, str], None] = lambda job_id, level, node: None
+    """Send a message for (job id, level) to Celery node `node`."""
+
+
 class JobRunner:
     def __init__(
         self,
@@ -91,13 +133,15 @@ class JobRunner:
         on_finished: Callable[[str, str, str, float], None] | None = None,
         finisher: Finisher | None = None,
         overlap_inputs: bool = False,
+        routing: Routing | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`on_finished(model_id, kind, status, seconds)` hears of every run that ended the job:
         its terminal status and the wall time from the claim (metrics). `finisher` runs each
         job's tail (default: inline, before `run` returns). `overlap_inputs` downloads the input
         images on helper threads while the model is made ready (workers/prefetch.py).
-        `before_job` and `after_job` bracket the job's compute, in its own thread."""
+        `before_job` and `after_job` bracket the job's compute, in its own thread. `routing`
+        lets a message claim the work that suits this process (workers/routing.py)."""
         self._jobs = jobs
         self._objects = objects
         self._generator = generator
@@ -110,17 +154,22 @@ class JobRunner:
         self._on_finished = on_finished
         self._finisher: Finisher = finisher if finisher is not None else InlineFinisher()
         self._overlap_inputs = overlap_inputs
+        self._routing = routing
         self._clock = clock
         self._handed_over: int | None = None
         """The job whose tail went to the finisher last (it may still run)."""
 
-    def run(self, job_id: int) -> float | None:
-        """Run the job. Seconds after which this delivery must look again when another process
-        holds the job's lease (the broker delivered it twice); None when done with it."""
+    def run(self, job_id: int, *, node: str = "", routed: bool = False) -> float | None:
+        """Run the work a message for `job_id` brings (with routing: what this process claims
+        for it, on Celery node `node`; `routed`: a message another node handed over). Seconds
+        after which this delivery must look again when another process holds the job's lease
+        (the broker delivered it twice); None when done with it."""
         self._hook(self._before_job)
         try:
             with logs.bound(job_id=job_id):
-                return self._run(job_id)
+                if self._routing is None:
+                    return self._run(job_id)
+                return self._run_routed(self._routing, job_id, node, routed)
         finally:
             self._hook(self._after_job)
 
@@ -133,15 +182,16 @@ class JobRunner:
             # look again rather than ask the broker to redeliver once the lease expires.
             self._finisher.drain()
             claim = self._jobs.acquire(job_id, token)
+        return self._after_claim(job_id, token, claim)
+
+    def _after_claim(self, job_id: int, token: str, claim: Claim) -> float | None:
         if claim.outcome is ClaimOutcome.LEASED:
             # The broker delivered it again (visibility timeout) while another process runs it.
             # Looking again once the lease has expired covers a holder that died unseen.
             log.info("job %s: another worker process holds its lease; duplicate exits", job_id)
             return claim.lease_left + 1
         if claim.outcome is ClaimOutcome.EXHAUSTED:
-            log.warning("job %s: failed: its attempts are used up", job_id)
-            if claim.job is not None and claim.job.webhook:
-                self._hand_off_webhook(job_id)
+            self._exhausted(claim)
             return None
         job = claim.job
         if job is None:
@@ -153,6 +203,83 @@ class JobRunner:
             self._run_claimed(job, token, claimed)
         return None
 
+    def _exhausted(self, claim: Claim) -> None:
+        job = claim.job
+        if job is None:
+            return
+        log.warning("job %s: failed: its attempts are used up", job.id)
+        if job.webhook:
+            self._hand_off_webhook(job.id)
+
+    def _run_routed(self, routing: Routing, job_id: int, node: str, routed: bool) -> float | None:
+        if job_id == self._handed_over:
+            # A copy of the job whose tail this process's finisher may run now (a broker blip put
+            # its message back): the tail is milliseconds from ending it, so let it end first.
+            self._finisher.drain()
+        token = new_lease_token()
+        claims: list[Claim] = []
+        handed_off = False
+        for _ in range(CLAIM_TRIES):
+            view = routing.claims.read_view(job_id, time.time())
+            chosen = plan(
+                view,
+                own_job=job_id,
+                node=node,
+                warm=frozenset(routing.warm()),
+                batch_images=routing.batch_images,
+                routed=routed,
+            )
+            if chosen.hand_off is not None and not handed_off:
+                # This message stands in for the job it hands over: one is enough.
+                handed_off = True
+                handed, target = chosen.hand_off
+                level = next(job.level for job in view.head if job.id == handed)
+                log.info("job %s: left to node %s, which holds its model warm", handed, target)
+                self._hook(functools.partial(routing.hand_off, handed, level, target))
+            if chosen.recover:
+                return self._after_claim(job_id, token, self._jobs.acquire(job_id, token))
+            if not chosen.take:
+                if view.own_status is None or view.own_status.is_terminal():
+                    log.info("job %s: nothing to do (unknown or finished)", job_id)
+                else:
+                    log.info("job %s: no queued job for this process", job_id)
+                break
+            claims = routing.claims.claim(
+                chosen.take, token, process=routing.process, node=node, now=time.time()
+            )
+            if any(claim.outcome is not ClaimOutcome.GONE for claim in claims):
+                break
+        for claim in claims:
+            if claim.outcome is ClaimOutcome.EXHAUSTED:
+                self._exhausted(claim)
+        # A message whose job another claim runs still looks again once that lease has expired
+        # (as without routing): its holder may have died unseen. It finds the job ended, and
+        # claims nothing or what is queued then.
+        look_again = None
+        if view.own_held_elsewhere():
+            look_again = view.own_lease_left + 1
+            log.info(
+                "job %s: another worker process holds its lease; this message looks again in "
+                "%.0f s",
+                job_id,
+                look_again,
+            )
+        jobs = [c.job for c in claims if c.outcome is ClaimOutcome.CLAIMED and c.job is not None]
+        if not jobs:
+            return look_again
+        claimed = self._clock()
+        try:
+            with logs.bound(job_id=jobs[0].id, model_id=jobs[0].model_id):
+                if len(jobs) == 1:
+                    with logs.bound(key_name=jobs[0].owner_name):
+                        self._run_claimed(jobs[0], token, claimed)
+                else:
+                    self._run_batch(jobs, token, claimed)
+        finally:
+            # Free for the next message, whatever the prediction said: others judge by it.
+            self._hook(lambda: routing.claims.note_busy(routing.process, node, time.time()))
+        return look_again
+
     def _run_claimed(self, job: JobRecord, token: str, claimed: float) -> None:
         job_id = job.id
         log.info("job %s: processing (model %s, attempt %s)", job_id, job.model_id, job.attempts)
@@ -160,29 +287,44 @@ class JobRunner:
         tail: Callable[[], None]
         try:
             computed = self._compute(job)
-        except (PublicJobError, ModelLoadError) as exc:
-            log.warning("job %s: failed: %s", job_id, exc.message)
-            tail = functools.partial(self._fail, job, token, claimed, exc.message)
-        except SoftTimeLimitExceeded:
-            log.warning("job %s: failed: over its time limit", job_id)
-            tail = functools.partial(self._fail, job, token, claimed, TIMEOUT_FAILURE)
-        except Exception:
-            log.exception("job %s: failed", job_id)
-            tail = functools.partial(self._fail, job, token, claimed, GENERIC_FAILURE)
+        except Exception as exc:
+            tail = self._failure_tail(job, token, claimed, exc)
         else:
             tail = functools.partial(self._succeed, job, token, claimed, started, computed)
+        self._submit(job_id, tail, [job], token, claimed)
+
+    def _submit(
+        self,
+        job_id: int,
+        tail: Callable[[], None],
+        jobs: list[JobRecord],
+        token: str,
+        claimed: float,
+    ) -> None:
         try:
             self._handed_over = job_id
             self._finisher.submit(tail)
         except SoftTimeLimitExceeded:
-            # Raised while the previous job's tail still ran (a slow upload): this job's tail was
-            # not handed over, so it ends here. (Should the signal land just after the hand-over,
-            # both ends are tried: the lease lets exactly one apply, and only it hands off.)
-            log.warning("job %s: failed: over its time limit (waiting to be stored)", job_id)
-            self._fail(job, token, claimed, TIMEOUT_FAILURE)
+            # Raised while the previous job's tail still ran (a slow upload): this tail was not
+            # handed over, so its jobs end here. (Should the signal land just after the
+            # hand-over, both ends are tried: the lease lets exactly one apply, and only it
+            # hands off.)
+            for job in jobs:
+                log.warning("job %s: failed: over its time limit (waiting to be stored)", job.id)
+                self._fail(job, token, claimed, TIMEOUT_FAILURE)
 
     def _compute(self, job: JobRecord) -> Computed:
         """The job's part in its own thread: everything up to the images, GPU work included."""
+        prepared = self._prepare(job)
+        try:
+            generation = self._generator.run(job.model_id, prepared.params, inputs=prepared.inputs)
+        except ValueError as exc:  # what only the loaded model can tell (its layers, scheduler)
+            raise PublicJobError(str(exc)) from exc
+        return self._post(prepared, generation)
+
+    def _prepare(self, job: JobRecord) -> Prepared:
+        """Check the job, find its helper models, start its input downloads and translate its
+        prompt: what comes before its pipeline call."""
         try:
             params = JobParams.from_dict(job.params)
             if params.kind != job.kind:
@@ -208,25 +350,35 @@ class JobRunner:
             english = translator.translate(params.prompt)
             meta["translated_prompt"] = english
             params = dataclasses.replace(params, prompt=english)
-        translated = self._clock()
-        try:
-            generation = self._generator.run(job.model_id, params, inputs=inputs)
-        except ValueError as exc:  # what only the loaded model can tell (its layers, scheduler)
-            raise PublicJobError(str(exc)) from exc
+        return Prepared(
+            job=job,
+            params=params,
+            meta=meta,
+            inputs=inputs,
+            upscaler=upscaler,
+            checker=checker,
+            translation_seconds=self._clock() - started,
+        )
+
+    def _post(self, prepared: Prepared, generation: Generation) -> Computed:
+        """Upscale and safety-check the job's images: what comes after its pipeline call."""
+        params, meta = prepared.params, prepared.meta
         generated = self._clock()
         images = generation.images
         if params.kind != "text2video":
-            if upscaler is not None:
-                images = upscaler.upscale(
+            if prepared.upscaler is not None:
+                images = prepared.upscaler.upscale(
                     images, factor=params.upscale, prompt=params.prompt, seed=params.seed
                 )
-            if checker is not None:
-                images, flagged = checker.apply(images, params.safety_checker_type)
+            if prepared.checker is not None:
+                images, flagged = prepared.checker.apply(images, params.safety_checker_type)
                 meta["nsfw_content_detected"] = flagged
-        # The work a warm worker repeats for such a job: translation, the pipeline calls and the
-        # post-processing (and the encoding, which the tail adds); a cold model load (inside
-        # generator.run) is not part of it.
-        seconds = (translated - started) + generation.pipeline_seconds + self._clock() - generated
+        # The work a warm worker repeats for such a job: translation, the pipeline calls (its
+        # share of a batch's) and the post-processing (and the encoding, which the tail adds); a
+        # cold model load (inside the generator) is not part of it.
+        seconds = (
+            prepared.translation_seconds + generation.pipeline_seconds + self._clock() - generated
+        )
         width, height = images[0].size
         meta.update(W=width, H=height)
         shape = Shape.of(params, generation.width, generation.height)
@@ -238,6 +390,72 @@ class JobRunner:
             seconds=seconds,
             pipeline_seconds=generation.pipeline_seconds,
         )
+
+    def _run_batch(self, jobs: list[JobRecord], token: str, claimed: float) -> None:
+        """Jobs claimed together (workers/routing.py: one batch key) run as one pipeline call;
+        each keeps its own checks, inputs, outputs, failure and webhook. Their tails go to the
+        finisher as one."""
+        log.info(
+            "jobs %s: processing as one batch (model %s)",
+            ", ".join(str(job.id) for job in jobs),
+            jobs[0].model_id,
+        )
+        for job in jobs:
+            log.info(
+                "job %s: processing (model %s, attempt %s) in a batch of %d",
+                job.id,
+                job.model_id,
+                job.attempts,
+                len(jobs),
+            )
+        started = self._clock()
+        tails: list[Callable[[], None]] = []
+        prepared: list[Prepared] = []
+        for job in jobs:
+            try:
+                prepared.append(self._prepare(job))
+            except Exception as exc:
+                tails.append(self._failure_tail(job, token, claimed, exc))
+        if prepared:
+            try:
+                results = self._generator.run_batch(
+                    jobs[0].model_id,
+                    [ready.params for ready in prepared],
+                    inputs=[ready.inputs for ready in prepared],
+                )
+            except Exception as exc:
+                results = [exc] * len(prepared)
+            for ready, result in zip(prepared, results, strict=True):
+                job = ready.job
+                try:
+                    if isinstance(result, ValueError) and not isinstance(result, PublicJobError):
+                        # What only the loaded model can tell, as for a job alone (_compute).
+                        raise PublicJobError(str(result)) from result
+                    if isinstance(result, Exception):
+                        raise result
+                    computed = self._post(ready, result)
+                except Exception as exc:
+                    tails.append(self._failure_tail(job, token, claimed, exc))
+                else:
+                    tails.append(
+                        functools.partial(self._succeed, job, token, claimed, started, computed)
+                    )
+        self._submit(jobs[-1].id, functools.partial(_run_all, tails), jobs, token, claimed)
+
+    def _failure_tail(
+        self, job: JobRecord, token: str, claimed: float, exc: BaseException
+    ) -> Callable[[], None]:
+        """The tail that fails `job` for `exc`, with a message fit for its client."""
+        if isinstance(exc, PublicJobError | ModelLoadError):
+            log.warning("job %s: failed: %s", job.id, exc.message)
+            message = exc.message
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            log.warning("job %s: failed: over its time limit", job.id)
+            message = TIMEOUT_FAILURE
+        else:
+            log.error("job %s: failed", job.id, exc_info=exc)
+            message = GENERIC_FAILURE
+        return functools.partial(self._fail, job, token, claimed, message)
 
     # --- the tail: on the finisher's thread ------------------------------------------------------
 
@@ -323,3 +541,12 @@ class JobRunner:
             self._publisher.publish_webhook(job_id)
         except Exception:
             log.exception("job %s: could not queue its webhook", job_id)
+
+
+def _run_all(tails: list[Callable[[], None]]) -> None:
+    """A batch's tails, one after the other: each ends its own job whatever the others do."""
+    for tail in tails:
+        try:
+            tail()
+        except Exception:
+            log.exception("a job's tail failed")

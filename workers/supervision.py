@@ -7,13 +7,15 @@ hard time limit kills the process, the main process fails the job with a timeout
 acked, and a redelivery finds the job terminal). Neither needs torch: the main process never
 loads it.
 
-A job whose task has returned may still be in its process's finisher (workers/finisher.py: its
-outputs being encoded and stored), its message already acked. The main process remembers, per
-pool process, the last jobs whose tasks ended there; when that process dies (mid-job, killed at
-the hard limit, or seen gone by the heartbeat while idle) and a token of it still holds such a
-job's lease, the job never reached its terminal transition: the main process frees the lease and
-publishes the job again (attempt + 1). Without that it would wait for its lease to expire and
-then for the reconciler.
+A pool process may hold more jobs than its message names: the jobs it claimed for that
+message (workers/routing.py: another job, or a batch of several), and the job whose tail its
+finisher still runs (workers/finisher.py: outputs being encoded and stored, the message already
+acked). Every lease token a process takes starts with its `lease_owner` prefix, so when the
+process dies (mid-job, killed at the hard limit, or seen gone by the heartbeat while idle) the
+main process finds every job a token of it still holds: those never reached their terminal
+transition. It frees their leases and publishes each again (attempt + 1), except the job of a
+message Celery re-queues itself; at the hard limit it fails them. Without that they would wait
+for their leases to expire and then for the reconciler.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections import deque
 from typing import Any
 
 import redis
@@ -36,9 +37,6 @@ from storage.jobs import JobStore, lease_owner
 log = logging.getLogger("dreamq.worker")
 
 TIMEOUT_FAILURE = "The job ran over its time limit and was stopped (timeout)."
-
-ENDED_KEPT = 4
-"""Jobs remembered per pool process after their tasks ended (the finisher holds at most one)."""
 
 
 class JobSupervisor:
@@ -58,10 +56,6 @@ class JobSupervisor:
         self._jobs = jobs
         self._publisher = publisher
         self._lock = threading.Lock()
-        self._ended: dict[int, deque[int]] = {}
-        """Pool process id -> the last jobs whose tasks ended there: one may still be finishing
-        (a few are kept, since tasks that hand nothing over, duplicates, end in between)."""
-        self._ended_lock = threading.Lock()
 
     def _store(self) -> JobStore:
         with self._lock:
@@ -73,55 +67,53 @@ class JobSupervisor:
     def _publish(self) -> Publisher:
         return self._publisher or CeleryPublisher(self._app, self._settings)
 
-    def task_ended(self, job_id: int, pid: int) -> None:
-        """The task of `job_id` returned in pool process `pid` (acked): its tail may still run."""
-        with self._ended_lock:
-            self._ended.setdefault(pid, deque(maxlen=ENDED_KEPT)).append(job_id)
-
     def process_lost(self, job_id: int, pid: int) -> None:
-        try:
-            if self._store().release_lease(job_id, lease_owner(pid)):
-                log.warning(
-                    "job %s: its worker process %s died; the job is delivered again", job_id, pid
-                )
-        finally:
-            self._lost_while_finishing(pid)
+        """Pool process `pid` died running the task of `job_id`, whose message Celery puts back:
+        free the leases it held and publish again every other job among them."""
+        self._recover(pid, requeued=job_id)
 
     def timed_out(self, job_id: int, pid: int) -> None:
-        try:
-            self._fail_timed_out(job_id, pid)
-        finally:
-            self._lost_while_finishing(pid)
-
-    def _fail_timed_out(self, job_id: int, pid: int) -> None:
+        """Pool process `pid` was killed at the hard time limit: the jobs its task claimed (one
+        token: the one taken last) fail with a timeout; a job of an earlier task, whose tail was
+        still storing, is delivered again."""
         jobs = self._store()
-        if not jobs.fail(job_id, TIMEOUT_FAILURE, owner=lease_owner(pid)):
-            return
-        log.warning("job %s: failed: over its hard time limit; process %s killed", job_id, pid)
-        job = jobs.get(job_id)
-        if job is not None and job.webhook:
-            self._publish().publish_webhook(job_id)
+        owner = lease_owner(pid)
+        held = jobs.leased_by(owner)
+        records = {job_id: jobs.get(job_id) for job_id in held}
+
+        def started(job_id: int) -> float:
+            record = records[job_id]
+            return (record.started_at or 0.0) if record is not None else 0.0
+
+        current = held[max(held, key=started)] if held else None
+        for held_id, token in held.items():
+            if token != current:
+                continue
+            if not jobs.fail(held_id, TIMEOUT_FAILURE, owner=owner):
+                continue
+            log.warning("job %s: failed: over its hard time limit; process %s killed", held_id, pid)
+            job = records[held_id]
+            if job is not None and job.webhook:
+                self._publish().publish_webhook(held_id)
+        self._recover(pid)
 
     def processes_gone(self, pids: list[int]) -> None:
         """Pool processes the heartbeat no longer finds (they may have died between jobs)."""
         for pid in pids:
-            _guard(functools.partial(self._lost_while_finishing, pid))
+            _guard(functools.partial(self._recover, pid))
 
-    def _lost_while_finishing(self, pid: int) -> None:
-        with self._ended_lock:
-            ended = self._ended.pop(pid, ())
-        for job_id in ended:
+    def _recover(self, pid: int, requeued: int | None = None) -> None:
+        jobs = self._store()
+        owner = lease_owner(pid)
+        for held in jobs.leased_by(owner):
             # Only while a token of the dead process holds the lease: nobody can end the job.
-            if not self._store().release_lease(job_id, lease_owner(pid)):
+            if not jobs.release_lease(held, owner):
                 continue
-            log.warning(
-                "job %s: its worker process %s died while storing its outputs; the job is "
-                "delivered again",
-                job_id,
-                pid,
-            )
-            job = self._store().get(job_id)
-            self._publish().publish_job(job_id, job.level if job is not None else 0)
+            log.warning("job %s: its worker process %s died; the job is delivered again", held, pid)
+            if held == requeued:
+                continue
+            job = jobs.get(held)
+            self._publish().publish_job(held, job.level if job is not None else 0)
 
 
 def supervised_request(supervisor: JobSupervisor) -> type[Request]:
@@ -130,13 +122,6 @@ def supervised_request(supervisor: JobSupervisor) -> type[Request]:
     class SupervisedRequest(Request):
         def _job_id(self) -> int:
             return int(self.args[0])
-
-        def acknowledge(self) -> None:
-            # Celery's per-task request class overrides on_success without calling up, but acks
-            # through here when the task has returned (late acks).
-            super().acknowledge()
-            if self.worker_pid:
-                _guard(lambda: supervisor.task_ended(self._job_id(), self.worker_pid))
 
         def on_timeout(self, soft: bool, timeout: float) -> None:
             if not soft and self.worker_pid:

@@ -181,8 +181,9 @@ def test_r10_two_workers_four_long_jobs_both_busy_at_once_one_job_each(
     still in `worker_process_init` (importing torch, building its clients: 3-4 s here, more when
     two workers start at once on 2 cores); a job fetched meanwhile waits for it, which is how an
     earlier version of this test measured 10.5 s. Waiting for each pool process's own "pool
-    process ready" line makes the 5 s bound about how the broker spreads the jobs."""
-    profile = profile_factory()
+    process ready" line makes the 5 s bound about how the broker spreads the jobs. Batching is
+    off: the two jobs left waiting would otherwise share one pipeline call."""
+    profile = profile_factory(batch_size=1)
     queue = profile.settings.generate_queue
     events = JobEvents(profile.redis.client())
     with profile.worker() as first, profile.worker() as second:

@@ -110,7 +110,7 @@ def test_a_pool_process_killed_while_a_finished_job_was_stored_runs_that_job_aga
             print(f"\nkill -9 while storing -> success in {time.monotonic() - killed:.1f} s")
             assert events.wait_for(running, timeout=120) == "success"
             worker.wait_for(
-                rf"job {stored}: its worker process {child} died while storing its outputs",
+                rf"job {stored}: its worker process {child} died; the job is delivered again",
                 timeout=5,
             )
             assert processing(worker, stored, attempt=2, timeout=5) != child

@@ -1,7 +1,8 @@
-"""The worker's main process and a job its dead pool process was still finishing (its task had
-returned, its message was acked, its tail was in the finisher): when a token of that process
-still holds the lease, the lease is freed and the job published again; a job that ended, or one
-another process holds, is left alone."""
+"""The worker's main process and the jobs its dead pool process held: the one its message named,
+the others it claimed for that message (a batch), and one it was still finishing (its task had
+returned, its message was acked, its tail was in the finisher). Every job a token of that process
+still holds is freed and published again (but the one whose message Celery re-queues); a job that
+ended, or one another process holds, is left alone."""
 
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ def test_a_process_lost_mid_job_also_redelivers_the_job_it_was_storing(
     store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
 ) -> None:
     finishing = claimed(store, DEAD, "a")  # its task returned; its tail was in the finisher
-    supervisor.task_ended(finishing, DEAD)
     running = claimed(store, DEAD, "b")
     supervisor.process_lost(running, DEAD)
     assert publisher.jobs == [finishing]  # the running job's own message is re-queued by Celery
@@ -55,12 +55,23 @@ def test_a_process_lost_mid_job_also_redelivers_the_job_it_was_storing(
     assert job is not None and job.attempts == 2
 
 
+def test_a_process_lost_mid_batch_redelivers_every_member(
+    store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
+) -> None:
+    # One token claimed three jobs for one message (workers/routing.py); the message named a
+    # fourth job, which another process ran.
+    batch = [claimed(store, DEAD, "batch") for _ in range(3)]
+    elsewhere = claimed(store, OTHER, "z")
+    supervisor.process_lost(elsewhere, DEAD)
+    assert sorted(publisher.jobs) == batch
+    assert store.acquire(elsewhere, lease_owner(7) + "x").outcome is ClaimOutcome.LEASED
+
+
 def test_a_job_the_dead_process_had_finished_is_left_alone(
     store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
 ) -> None:
     done = claimed(store, DEAD, "a")
     assert store.succeed(done, output=[], generation_time=1.0, lease=lease_owner(DEAD) + "a")
-    supervisor.task_ended(done, DEAD)
     supervisor.process_lost(claimed(store, DEAD, "b"), DEAD)
     assert publisher.jobs == []
 
@@ -68,10 +79,9 @@ def test_a_job_the_dead_process_had_finished_is_left_alone(
 def test_a_lease_another_process_holds_is_left_alone(
     store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
 ) -> None:
-    # The job was run again elsewhere (its lease had expired): the dead process's memory of it
-    # must not free the new holder's lease.
+    # The job was run again elsewhere (its lease had expired): the dead process must not free
+    # the new holder's lease.
     elsewhere = claimed(store, OTHER, "a")
-    supervisor.task_ended(elsewhere, DEAD)
     supervisor.processes_gone([DEAD])
     assert publisher.jobs == []
     assert store.acquire(elsewhere, lease_owner(7) + "x").outcome is ClaimOutcome.LEASED
@@ -81,32 +91,22 @@ def test_a_process_gone_between_jobs_redelivers_its_finishing_job_once(
     store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
 ) -> None:
     finishing = claimed(store, DEAD, "a")
-    supervisor.task_ended(claimed(store, OTHER, "z"), OTHER)  # another process: untouched
-    supervisor.task_ended(finishing, DEAD)
+    claimed(store, OTHER, "z")  # another process: untouched
     supervisor.processes_gone([DEAD])
     supervisor.processes_gone([DEAD])  # the heartbeat and Celery may both report it
     assert publisher.jobs == [finishing]
 
 
-def test_a_hard_limit_kill_fails_the_running_job_and_redelivers_the_finishing_one(
-    store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
+def test_a_hard_limit_kill_fails_the_running_jobs_and_redelivers_the_finishing_one(
+    store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher, client: redis.Redis
 ) -> None:
     finishing = claimed(store, DEAD, "a")
-    supervisor.task_ended(finishing, DEAD)
-    running = claimed(store, DEAD, "b")
-    supervisor.timed_out(running, DEAD)
-    job = store.get(running)
-    assert job is not None and (job.status, job.error) == (JobStatus.FAILED, TIMEOUT_FAILURE)
-    assert publisher.webhooks == [running]
-    assert publisher.jobs == [finishing]
-
-
-def test_duplicates_ending_in_between_do_not_hide_the_finishing_job(
-    store: JobStore, supervisor: JobSupervisor, publisher: RecordingPublisher
-) -> None:
-    finishing = claimed(store, DEAD, "a")
-    supervisor.task_ended(finishing, DEAD)
-    for duplicate in (901, 902):  # deliveries that handed nothing to the finisher
-        supervisor.task_ended(duplicate, DEAD)
-    supervisor.processes_gone([DEAD])
+    running = [claimed(store, DEAD, "b"), claimed(store, DEAD, "b")]  # a batch: one token
+    # The batch was claimed after the finishing job started (its own claim time).
+    client.hset(f"dreamq:job:{finishing}", "started_at", 1.0)
+    supervisor.timed_out(running[0], DEAD)
+    for job_id in running:
+        job = store.get(job_id)
+        assert job is not None and (job.status, job.error) == (JobStatus.FAILED, TIMEOUT_FAILURE)
+    assert publisher.webhooks == running
     assert publisher.jobs == [finishing]
