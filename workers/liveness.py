@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from celery.utils.nodenames import WORKER_DIRECT_QUEUE_FORMAT
 from celery.worker import state as celery_state
 
 from storage.workers import WorkerRecord, WorkerStore
@@ -116,7 +117,12 @@ class Heartbeat:
         self._consumer = consumer
         now = self._clock()
         task_consumer = getattr(consumer, "task_consumer", None)
-        queues = sorted(q.name for q in getattr(task_consumer, "queues", ()) or ())
+        # A generation worker's own worker-direct queue (workers/routing.py) is its private
+        # mailbox, not one of the queues it serves: it is left out of the record.
+        direct = WORKER_DIRECT_QUEUE_FORMAT.format(hostname=consumer.hostname)
+        queues = sorted(
+            q.name for q in getattr(task_consumer, "queues", ()) or () if q.name != direct
+        )
         controller = getattr(consumer, "controller", None)
         concurrency = getattr(controller, "concurrency", None) or getattr(
             getattr(consumer, "pool", None), "limit", 1

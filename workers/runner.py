@@ -156,8 +156,8 @@ class JobRunner:
         self._overlap_inputs = overlap_inputs
         self._routing = routing
         self._clock = clock
-        self._handed_over: int | None = None
-        """The job whose tail went to the finisher last (it may still run)."""
+        self._handed_over: frozenset[int] = frozenset()
+        """The jobs whose tail went to the finisher last (it may still run)."""
 
     def run(self, job_id: int, *, node: str = "", routed: bool = False) -> float | None:
         """Run the work a message for `job_id` brings (with routing: what this process claims
@@ -176,7 +176,7 @@ class JobRunner:
     def _run(self, job_id: int) -> float | None:
         token = new_lease_token()
         claim = self._jobs.acquire(job_id, token)
-        if claim.outcome is ClaimOutcome.LEASED and job_id == self._handed_over:
+        if claim.outcome is ClaimOutcome.LEASED and job_id in self._handed_over:
             # A copy of the job whose tail this process's finisher runs now (a broker blip put
             # its message back): the tail is milliseconds from ending it, so wait for that and
             # look again rather than ask the broker to redeliver once the lease expires.
@@ -212,9 +212,10 @@ class JobRunner:
             self._hand_off_webhook(job.id)
 
     def _run_routed(self, routing: Routing, job_id: int, node: str, routed: bool) -> float | None:
-        if job_id == self._handed_over:
-            # A copy of the job whose tail this process's finisher may run now (a broker blip put
-            # its message back): the tail is milliseconds from ending it, so let it end first.
+        if job_id in self._handed_over:
+            # A copy of a job whose tail this process's finisher may run now (a broker blip put
+            # its message back, or the job ran in this process's last batch): the tail is
+            # milliseconds from ending it, so let it end first.
             self._finisher.drain()
         token = new_lease_token()
         claims: list[Claim] = []
@@ -291,18 +292,13 @@ class JobRunner:
             tail = self._failure_tail(job, token, claimed, exc)
         else:
             tail = functools.partial(self._succeed, job, token, claimed, started, computed)
-        self._submit(job_id, tail, [job], token, claimed)
+        self._submit(tail, [job], token, claimed)
 
     def _submit(
-        self,
-        job_id: int,
-        tail: Callable[[], None],
-        jobs: list[JobRecord],
-        token: str,
-        claimed: float,
+        self, tail: Callable[[], None], jobs: list[JobRecord], token: str, claimed: float
     ) -> None:
         try:
-            self._handed_over = job_id
+            self._handed_over = frozenset(job.id for job in jobs)
             self._finisher.submit(tail)
         except SoftTimeLimitExceeded:
             # Raised while the previous job's tail still ran (a slow upload): this tail was not
@@ -440,7 +436,7 @@ class JobRunner:
                     tails.append(
                         functools.partial(self._succeed, job, token, claimed, started, computed)
                     )
-        self._submit(jobs[-1].id, functools.partial(_run_all, tails), jobs, token, claimed)
+        self._submit(functools.partial(_run_all, tails), jobs, token, claimed)
 
     def _failure_tail(
         self, job: JobRecord, token: str, claimed: float, exc: BaseException
