@@ -137,10 +137,12 @@ class DreamboothService:
         level = 0
         if self._settings.priority_levels:
             level = lanes.level(plan.priority, view.unfinished, self._settings.fair_backlog)
-        inputs = view.at_level(level)
+        inputs = view.at_level(level, self._settings.batch_size)
         default = self._settings.default_eta_seconds
         run_seconds = eta.predict_run_seconds(inputs.stats, shape, default)
-        eta_seconds = eta.estimate(inputs, run_seconds)
+        batched = batch_key(request.model_id, params)
+        own = eta.Batching(batched, params.samples, level)
+        eta_seconds = eta.estimate(inputs, run_seconds, own)
         marker = await self._not_a_duplicate(owner, kind, request)
         job_id = await self._create(
             NewJob(
@@ -158,7 +160,7 @@ class DreamboothService:
                 track_id=request.track_id,
                 queue=self._settings.generate_queue,
                 level=level,
-                batch_key=batch_key(request.model_id, params),
+                batch_key=batched,
                 samples=params.samples,
             ),
             plan=plan,
@@ -209,8 +211,11 @@ class DreamboothService:
         waiting = None
         if job.status is JobStatus.QUEUED:
             # The work queued ahead of it now, not what was ahead at submission.
-            inputs = await eta.read_inputs_ahead_of(self._redis, job.id, job.model_id, now)
-            waiting = (eta.estimate(inputs, job.predicted_seconds), inputs.ahead + 1)
+            inputs = await eta.read_inputs_ahead_of(
+                self._redis, job.id, job.model_id, now, self._settings.batch_size
+            )
+            own = eta.Batching(job.batch_key, job.samples, job.level)
+            waiting = (eta.estimate(inputs, job.predicted_seconds, own), inputs.ahead + 1)
         return job_body(job, now, self._objects.present, waiting)
 
     def _plan(self, owner: KeyInfo) -> PlanLimits:

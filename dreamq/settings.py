@@ -223,7 +223,7 @@ class Settings(BaseSettings):
         description="The most images a worker makes in one pipeline call for queued jobs that "
         "can share it (same model, kind, size, steps, scheduler, guidance, LoRA set); 1 turns "
         "batching off. The default is the contract's largest samples, so a batch never needs "
-        "more memory than one allowed job.",
+        "more memory than one allowed job. The API reads it too, for the ETA.",
     )
     duplicate_window_seconds: int = Field(
         0,

@@ -89,8 +89,9 @@ return 1
 """
 
 # KEYS: queued set. ARGV: job id, job key prefix, scan limit, how many to list. {jobs queued
-# ahead, their predicted seconds, the first `list` of those one by one}: summed over the first
-# `limit` of them, extrapolated at their mean beyond.
+# ahead, their predicted seconds, the first `list` of those one by one (flat: predicted seconds,
+# batch key, samples, level)}: summed over the first `limit` of them, extrapolated at their mean
+# beyond.
 _AHEAD = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return {0, '0', {}} end
@@ -99,23 +100,31 @@ local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', before)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, tonumber(ARGV[3]))
 local work, first = 0, {}
 for i, id in ipairs(ids) do
-  local seconds = tonumber(redis.call('HGET', ARGV[2] .. id, 'predicted_seconds')) or 0
+  local f = redis.call('HMGET', ARGV[2] .. id, 'predicted_seconds', 'batch_key', 'samples', 'level')
+  local seconds = tonumber(f[1]) or 0
   work = work + seconds
-  if i <= tonumber(ARGV[4]) then first[i] = tostring(seconds) end
+  if i <= tonumber(ARGV[4]) then
+    table.insert(first, tostring(seconds))
+    table.insert(first, f[2] or '')
+    table.insert(first, f[3] or '1')
+    table.insert(first, f[4] or '0')
+  end
 end
 if #ids > 0 and ahead > #ids then work = work * ahead / #ids end
 return {ahead, tostring(work), first}
 """
 
 # KEYS: queued set. ARGV: job key prefix, how many. The head of the queue, in the order workers
-# take it: {score, predicted seconds, score, predicted seconds, ...}.
+# take it: {score, predicted seconds, batch key, samples, score, ...}.
 _HEAD = """
 local head = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
 local out = {}
 for i = 1, #head, 2 do
-  local seconds = redis.call('HGET', ARGV[1] .. head[i], 'predicted_seconds')
+  local f = redis.call('HMGET', ARGV[1] .. head[i], 'predicted_seconds', 'batch_key', 'samples')
   out[#out + 1] = head[i + 1]
-  out[#out + 1] = tostring(tonumber(seconds) or 0)
+  out[#out + 1] = tostring(tonumber(f[1]) or 0)
+  out[#out + 1] = f[2] or ''
+  out[#out + 1] = f[3] or '1'
 end
 return out
 """
@@ -227,6 +236,16 @@ class Fleet:
 
 
 @dataclass(frozen=True, slots=True)
+class Batching:
+    """How a queued job may share a pipeline call (workers/routing.py): jobs of one level and
+    one non-empty batch key, while their images fit the batch size."""
+
+    key: str = ""
+    samples: int = 1
+    level: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class EtaInputs:
     stats: RunStats
     fleet: Fleet
@@ -237,29 +256,78 @@ class EtaInputs:
     `queued_seconds`)."""
     ahead: int = 0
     """Queued jobs ahead (fetch only)."""
+    first_batching: tuple[Batching, ...] = ()
+    """What each of `first` may share a call with (empty: nothing batches)."""
+    batch_images: int = 1
+    """The workers' batch size (DREAMQ_BATCH_SIZE): 1, no batching."""
 
 
-def wait_seconds(inputs: EtaInputs) -> float:
-    """When a process is first free for the job: each process is free once its running job
-    ends; the first jobs ahead go, in order, to whichever frees first; the rest of the queue is
-    shared evenly."""
+def _schedule(
+    inputs: EtaInputs, own: Batching | None = None, run_seconds: float = 0.0
+) -> tuple[list[float], float | None]:
+    """The processes' free times once the first jobs ahead are handed out (in order, each to
+    the process that frees first, a batch's members with their leader, for the sum of their
+    times); and when the job `own` would finish if it joined one of those batches."""
     fleet = inputs.fleet
     processes = max(fleet.processes, len(fleet.running))  # a running job has a process
     free = sorted(fleet.running) + [0.0] * (processes - len(fleet.running))
     heapq.heapify(free)
-    for seconds in inputs.first:
-        heapq.heappush(free, heapq.heappop(free) + seconds)
+    marks = inputs.first_batching or tuple(Batching() for _ in inputs.first)
+    jobs = list(zip(inputs.first, marks, strict=True))
+    taken = [False] * len(jobs)
+    # The job itself can join a batch ahead only when it is among the jobs a worker looks at.
+    joinable = (
+        own is not None and own.key != "" and inputs.queued_seconds <= sum(inputs.first) + 1e-6
+    )
+    joined: float | None = None
+    for index, (seconds, mark) in enumerate(jobs):
+        if taken[index]:
+            continue
+        total, images = seconds, mark.samples
+        if mark.key:
+            for later in range(index + 1, len(jobs)):
+                other_seconds, other = jobs[later]
+                same = other.key == mark.key and other.level == mark.level
+                if not taken[later] and same and images + other.samples <= inputs.batch_images:
+                    taken[later] = True
+                    total += other_seconds
+                    images += other.samples
+        start = heapq.heappop(free)
+        if (
+            joinable
+            and joined is None
+            and own is not None
+            and (own.key, own.level) == (mark.key, mark.level)
+            and images + own.samples <= inputs.batch_images
+        ):
+            total += run_seconds
+            joined = start + total
+        heapq.heappush(free, start + total)
+    return free, joined
+
+
+def wait_seconds(inputs: EtaInputs) -> float:
+    """When a process is first free for the job: each process is free once its running job
+    ends; the first jobs ahead go, in order, to whichever frees first (batched as workers
+    batch them); the rest of the queue is shared evenly."""
+    free, _ = _schedule(inputs)
+    processes = len(free)
     rest = max(0.0, inputs.queued_seconds - sum(inputs.first))
     if rest == 0.0:
         return free[0]
     return max(free[0], (sum(free) + rest) / processes)
 
 
-def estimate(inputs: EtaInputs, run_seconds: float) -> float:
+def estimate(inputs: EtaInputs, run_seconds: float, own: Batching | None = None) -> float:
+    """Seconds until the job's output: the wait, a cold load, its own run; or, when it would
+    join a batch of jobs ahead of it (`own`: how it batches), that batch's end."""
     fleet = inputs.fleet
-    wait = wait_seconds(inputs)
     cold = 0.0 if fleet.warm else (inputs.stats.load_seconds or 0.0)
-    return round(wait + cold + run_seconds, 2)
+    if own is not None and inputs.batch_images > 1:
+        _, joined = _schedule(inputs, own, run_seconds)
+        if joined is not None:
+            return round(joined + cold, 2)
+    return round(wait_seconds(inputs) + cold + run_seconds, 2)
 
 
 def _queue_pipeline(pipe: Any, model_id: str, fields: list[str], now: float) -> None:
@@ -307,14 +375,25 @@ class SubmissionView:
     """The first queued jobs in the order workers take them: (score, predicted seconds)."""
     unfinished: int
     """The submitting key's queued and running jobs (its fair-share level depends on it)."""
+    head_batching: Sequence[Batching] = ()
+    """How each of `head` may share a pipeline call (empty: nothing batches)."""
 
-    def at_level(self, level: int) -> EtaInputs:
+    def at_level(self, level: int, batch_images: int = 1) -> EtaInputs:
         """The inputs for a job of `level`: the work queued at its level and the ones before
-        (a prefix of the queue's order, which is by level first)."""
+        (a prefix of the queue's order, which is by level first), batched by up to
+        `batch_images` images as workers batch them."""
         queued = sum(seconds for lane, seconds in self.queued_by_level.items() if lane <= level)
         end = (level + 1) * keys.LEVEL_SPAN
-        first = tuple(seconds for score, seconds in self.head if score < end)
-        return EtaInputs(self.stats, self.fleet, max(0.0, queued), first)
+        count = sum(1 for score, _ in self.head if score < end)
+        first = tuple(seconds for _, seconds in self.head[:count])
+        return EtaInputs(
+            self.stats,
+            self.fleet,
+            max(0.0, queued),
+            first,
+            first_batching=tuple(self.head_batching[:count]),
+            batch_images=batch_images,
+        )
 
 
 async def read_submission(
@@ -327,18 +406,23 @@ async def read_submission(
     pipe.eval(_HEAD, 1, keys.QUEUED_JOBS, keys.job(0)[:-1], SIMULATED_AHEAD)
     pipe.zcard(keys.unfinished_jobs(owner))
     stats, running, live, models, nodes, work, head, unfinished = await pipe.execute()
-    pairs = [(float(head[i]), float(head[i + 1])) for i in range(0, len(head), 2)]
+    pairs = [(float(head[i]), float(head[i + 1])) for i in range(0, len(head), 4)]
+    batching = [
+        Batching(_text(head[i + 2]), int(head[i + 3] or 1), int(float(head[i])) // keys.LEVEL_SPAN)
+        for i in range(0, len(head), 4)
+    ]
     return SubmissionView(
         stats=RunStats.from_values(stats),
         fleet=_fleet(model_id, now, running, live, models, int(nodes)),
         queued_by_level={int(level): float(seconds) for level, seconds in work.items()},
         head=pairs,
         unfinished=int(unfinished),
+        head_batching=batching,
     )
 
 
 async def read_inputs_ahead_of(
-    client: aioredis.Redis, job_id: int, model_id: str, now: float
+    client: aioredis.Redis, job_id: int, model_id: str, now: float, batch_images: int = 1
 ) -> EtaInputs:
     """What a queued job's fetch needs: the jobs queued ahead of it, not behind, and whether its
     model will need loading (its own run time is the prediction in its record)."""
@@ -351,8 +435,13 @@ async def read_inputs_ahead_of(
         stats=RunStats(load_seconds=_number(load)),
         fleet=_fleet(model_id, now, running, live, models, int(nodes)),
         queued_seconds=max(0.0, float(work)),
-        first=tuple(float(seconds) for seconds in first),
+        first=tuple(float(first[i]) for i in range(0, len(first), 4)),
         ahead=int(ahead),
+        first_batching=tuple(
+            Batching(_text(first[i + 1]), int(first[i + 2] or 1), int(first[i + 3] or 0))
+            for i in range(0, len(first), 4)
+        ),
+        batch_images=batch_images,
     )
 
 

@@ -86,6 +86,8 @@ class Computed:
     post-processing. The tail adds its encoding."""
     pipeline_seconds: float
     """Wall time inside the pipeline calls alone (the duty cycle's numerator)."""
+    batched: bool = False
+    """It shared its pipeline call with other jobs (its times are its share)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,7 +431,7 @@ class JobRunner:
                         raise PublicJobError(str(result)) from result
                     if isinstance(result, Exception):
                         raise result
-                    computed = self._post(ready, result)
+                    computed = dataclasses.replace(self._post(ready, result), batched=True)
                 except Exception as exc:
                     tails.append(self._failure_tail(job, token, claimed, exc))
                 else:
@@ -479,13 +481,12 @@ class JobRunner:
             log.warning(
                 "job %s: its success was not recorded: the job had ended or lost its lease", job.id
             )
+        # How long the job held the worker: from its start to its success; for a batched job
+        # its own share (the batch's wall time from its start would count every member's).
+        held = seconds if computed.batched else self._clock() - started
         self._hook(
             lambda: self._durations.record(
-                job.model_id,
-                computed.shape.units,
-                seconds,
-                self._clock() - started,
-                shape=computed.shape,
+                job.model_id, computed.shape.units, seconds, held, shape=computed.shape
             )
         )
         self._ended(job, "success", claimed, finished)

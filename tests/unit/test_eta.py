@@ -4,6 +4,7 @@ the job store's scripts keep it, and the fleet's processes and warm models."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,7 @@ from storage import eta, keys
 from storage.eta import (
     ALPHA,
     HEARTBEAT_TTL,
+    Batching,
     DurationRecorder,
     EtaInputs,
     Fleet,
@@ -167,6 +169,41 @@ def test_the_rest_of_a_long_queue_is_shared_evenly() -> None:
     assert wait_seconds(got) == pytest.approx(5.0)
 
 
+def batched(
+    first: tuple[float, ...], marks: tuple[Batching, ...], processes: int = 2, images: int = 4
+) -> EtaInputs:
+    fleet = Fleet(processes, (), True)
+    return EtaInputs(
+        RunStats(), fleet, sum(first), first, first_batching=marks, batch_images=images
+    )
+
+
+def test_jobs_ahead_that_batch_hold_one_process_for_their_sum() -> None:
+    a, b = Batching("m\na"), Batching("m\nb")
+    # The two "a" jobs run as one call on P1 (4 s), "b" alone on P2: P2 is free at 1 s. Apart,
+    # the second "a" would go to P2 after "b" (3 s) and P1 would free first, at 2 s.
+    assert wait_seconds(batched((2.0, 1.0, 2.0), (a, b, a))) == pytest.approx(1.0)
+    apart = (a, b, Batching("m\na", level=1))  # a batch never mixes levels
+    assert wait_seconds(batched((2.0, 1.0, 2.0), apart)) == pytest.approx(2.0)
+    # Nor exceeds the batch's images: 3 + 2 > 4, so the two run on the two processes.
+    full = (Batching("m\na", samples=3), Batching("m\na", samples=2))
+    assert wait_seconds(batched((1.0, 1.0), full)) == pytest.approx(1.0)
+    assert wait_seconds(batched((1.0, 1.0), (a, a))) == pytest.approx(0.0)
+
+
+def test_a_job_that_joins_a_batch_ahead_finishes_with_it() -> None:
+    a = Batching("m\na")
+    got = batched((1.0, 1.0), (a, Batching("m\nb")), processes=1)
+    # It joins the first job's call: 1 s + its own 0.5 s, instead of running after both (2.5 s).
+    assert estimate(got, 0.5, a) == 1.5
+    assert estimate(got, 0.5, Batching("m\nc")) == 2.5
+    assert estimate(got, 0.5, Batching("m\na", level=1)) == 2.5  # levels never mix
+    assert estimate(got, 0.5, Batching("m\na", samples=4)) == 2.5  # over the batch's images
+    assert estimate(dataclasses.replace(got, batch_images=1), 0.5, a) == 2.5  # batching off
+    # A queue longer than the jobs simulated: it is not among the jobs a worker looks at.
+    assert estimate(dataclasses.replace(got, queued_seconds=100.0), 0.5, a) > 100
+
+
 def test_more_running_jobs_than_counted_processes_means_more_processes() -> None:
     got = inputs(processes=1, running=(2.0, 3.0), queued=1.0, first=(1.0,))
     assert wait_seconds(got) == pytest.approx(3.0)  # the 1 s job goes after the 2 s one
@@ -288,6 +325,21 @@ def test_a_waiting_job_sees_only_the_jobs_ahead_of_it(
     assert (third.ahead, third.queued_seconds) == (1, pytest.approx(2.0))
     assert third.fleet.running == pytest.approx((1.0,))
     assert third.first == pytest.approx((2.0,))
+
+
+def test_both_readers_see_how_the_jobs_ahead_batch(
+    server: fakeredis.FakeServer, store: JobStore
+) -> None:
+    keyed = new_job(predicted_seconds=1.0, batch_key="demo\nk", samples=2, level=1)
+    ids = [store.create(keyed), store.create(new_job(predicted_seconds=2.0, level=1))]
+    last = store.create(new_job(level=1))
+    expected = (Batching("demo\nk", 2, 1), Batching("", 1, 1))
+    assert read_ahead(server, last).first_batching == expected
+    # A new job's view holds every queued job (the last one too).
+    assert read_view(server).at_level(1, 4).first_batching == (*expected, Batching("", 1, 1))
+    assert read_view(server).at_level(1, 4).batch_images == 4
+    assert read_view(server).at_level(0).first_batching == ()
+    assert ids
 
 
 def test_a_long_queue_ahead_is_extrapolated_from_its_first_jobs(
