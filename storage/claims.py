@@ -8,9 +8,9 @@ expected to be free and the Celery node it belongs to; and each head model's loa
 round trip.
 
 `claim` then takes the chosen jobs (a batch leader and its members) in one pipeline of the job
-store's own transition script, each under the same lease token, and notes the process as busy
-until their predicted end (`WORKER_BUSY`), which other processes read to judge whether a job is
-better left for this one.
+store's own transition script, each under the same lease token, and in the same round trip
+notes the process as busy until their predicted end (`WORKER_BUSY`), which other processes read
+to judge whether a job is better left for this one.
 """
 
 from __future__ import annotations
@@ -165,18 +165,19 @@ class ClaimStore:
         process: str,
         node: str,
         now: float,
+        until: float,
     ) -> list[Claim]:
         """Claim `job_ids` under `token` in one round trip (each as `JobStore.acquire` would,
-        without its follow-up reads), and note `process` busy until their predicted end. One
-        `Claim` per id, in order: CLAIMED with the record, or GONE for a job another process
-        took first (or that ended meanwhile)."""
+        without its follow-up reads), noting `process` busy until `until` (their predicted end)
+        in the same trip. One `Claim` per id, in order: CLAIMED with the record, or GONE for a
+        job another process took first (or that ended meanwhile)."""
         pipe = self._r.pipeline(transaction=False)
         for job_id in job_ids:
             self._jobs.queue_acquire(pipe, job_id, token, now)
             pipe.hgetall(keys.job(job_id))
+        self._note(pipe, process, node, until)
         replies = pipe.execute()
         claims: list[Claim] = []
-        until = now
         for index, job_id in enumerate(job_ids):
             code, raw = int(replies[2 * index][0]), replies[2 * index + 1]
             if code == -2:  # out of attempts (a job put back in the queue too often)
@@ -186,14 +187,15 @@ class ClaimStore:
                 claims.append(Claim(ClaimOutcome.GONE))
                 continue
             record = decode({_text(k): _text(v) for k, v in raw.items()})
-            until += record.predicted_seconds
             claims.append(Claim(ClaimOutcome.CLAIMED, record))
-        if any(c.outcome is ClaimOutcome.CLAIMED for c in claims):
-            self.note_busy(process, node, until)
         return claims
 
     def note_busy(self, process: str, node: str, until: float) -> None:
-        self._r.hset(keys.WORKER_BUSY, process, json.dumps({"node": node, "until": until}))
+        self._note(self._r, process, node, until)
+
+    @staticmethod
+    def _note(client: Any, process: str, node: str, until: float) -> None:
+        client.hset(keys.WORKER_BUSY, process, json.dumps({"node": node, "until": until}))
 
 
 def _processes(

@@ -247,8 +247,11 @@ class JobRunner:
                 else:
                     log.info("job %s: no queued job for this process", job_id)
                 break
+            now = time.time()
+            predicted = {job.id: job.predicted_seconds for job in view.head}
+            until = now + sum(predicted.get(job, 0.0) for job in chosen.take)
             claims = routing.claims.claim(
-                chosen.take, token, process=routing.process, node=node, now=time.time()
+                chosen.take, token, process=routing.process, node=node, now=now, until=until
             )
             if any(claim.outcome is not ClaimOutcome.GONE for claim in claims):
                 break
@@ -269,6 +272,8 @@ class JobRunner:
             )
         jobs = [c.job for c in claims if c.outcome is ClaimOutcome.CLAIMED and c.job is not None]
         if not jobs:
+            if claims:  # every claim lost its race: the busy note it wrote is not true
+                self._hook(lambda: routing.claims.note_busy(routing.process, node, time.time()))
             return look_again
         claimed = self._clock()
         try:

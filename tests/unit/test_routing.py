@@ -4,6 +4,7 @@ several jobs in one round trip (storage/claims.py), on the job store's own scrip
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import redis
@@ -201,7 +202,7 @@ def test_a_claim_takes_several_jobs_under_one_token_and_skips_what_another_took(
     assert taken.outcome is ClaimOutcome.CLAIMED
     claims = ClaimStore(client, store)
     token = new_lease_token()
-    result = claims.claim(ids, token, process="gpu-a:1", node=ME, now=NOW)
+    result = claims.claim(ids, token, process="gpu-a:1", node=ME, now=NOW, until=NOW + 3)
     assert [claim.outcome for claim in result] == [
         ClaimOutcome.CLAIMED,
         ClaimOutcome.GONE,
@@ -215,3 +216,4 @@ def test_a_claim_takes_several_jobs_under_one_token_and_skips_what_another_took(
     assert client.zcard(keys.QUEUED_JOBS) == 0
     busy = claims.read_view(ids[0], NOW)
     assert busy.own_status is JobStatus.PROCESSING and busy.own_leased
+    assert json.loads(client.hget(keys.WORKER_BUSY, "gpu-a:1")) == {"node": ME, "until": NOW + 3}
