@@ -177,14 +177,15 @@ def _publisher(
     """The API's publisher, and the broker client it opened (to close at shutdown) if any.
 
     A Redis broker gets the direct `RedisPublisher`: over the API's own client when the broker
-    is the job Redis, else over a client of its own with kombu's socket timeouts, so a broker
-    that vanished fails a request in seconds instead of hanging it. Any other broker (RabbitMQ)
+    is the job Redis (whose create step then pushes the message with the record), else over a
+    client of its own with kombu's socket timeouts, so a broker that vanished fails a request in
+    seconds instead of hanging it. Any other broker (RabbitMQ)
     gets kombu's `send_task`, in a thread."""
     url = settings.effective_broker_url
     if transport_for(url) is None:
         return ThreadedPublisher(CeleryPublisher(make_celery(settings), settings)), None
     if url == settings.redis_url:
-        return RedisPublisher(client, settings.generate_queue), None
+        return RedisPublisher(client, settings.generate_queue, job_redis=True), None
     broker = waiting_client(url, **BROKER_SOCKET_OPTIONS)
     return RedisPublisher(broker, settings.generate_queue), broker
 

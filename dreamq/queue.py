@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 import uuid
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio.to_thread
 import redis.asyncio as aioredis
@@ -24,6 +24,7 @@ from redis.exceptions import MaxConnectionsError
 from dreamq import lanes
 from dreamq.broker import transport_for
 from dreamq.settings import Settings
+from storage.jobs import BrokerMessage
 
 log = logging.getLogger("dreamq.queue")
 
@@ -115,6 +116,11 @@ class Publisher(Protocol):
 class AsyncPublisher(Protocol):
     """The API's publisher: awaited on the event loop, once per accepted job."""
 
+    def message_for_create(self, level: int) -> BrokerMessage | None:
+        """The message for the job store to push with the record in the same step, when the
+        broker is the job Redis; None: the API awaits `publish_job` once the record exists."""
+        ...
+
     async def publish_job(self, job_id: int, level: int = 0) -> None: ...
 
 
@@ -141,6 +147,9 @@ class ThreadedPublisher:
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
 
+    def message_for_create(self, level: int) -> None:
+        return None
+
     async def publish_job(self, job_id: int, level: int = 0) -> None:
         await anyio.to_thread.run_sync(self._publisher.publish_job, job_id, level)
 
@@ -157,16 +166,45 @@ class RedisPublisher:
     compares them field by field), so workers cannot tell the two apart. The queue's binding
     (what kombu's declaration writes the first time a connection publishes to it) is written
     with the first message.
+
+    `job_redis`: the broker is the job Redis (`client` is the job store's), so the job store's
+    create step pushes the message itself (`message_for_create`): one round trip for both.
     """
 
-    def __init__(self, client: aioredis.Redis, queue: str) -> None:
+    def __init__(self, client: aioredis.Redis, queue: str, *, job_redis: bool = False) -> None:
         self._client = client
         self._queue = queue
+        self._job_redis = job_redis
         self._origin = anon_nodename()
         """`gen<pid>@<host>`: who published, as Celery names a process that is no worker."""
         self._reply_to = str(uuid.uuid4())
         """Celery's per-publisher return address; results are ignored, nobody reads it."""
         self._declared = False
+
+    def message_for_create(self, level: int) -> BrokerMessage | None:
+        if not self._job_redis:
+            return None
+        parts = job_message_parts(
+            self._queue,
+            origin=self._origin,
+            reply_to=self._reply_to,
+            priority=lanes.broker_priority(level),
+        )
+        return BrokerMessage(
+            list_name=lanes.list_name(self._queue, level),
+            binding_sets=(
+                f"_kombu.binding.{self._queue}",
+                f"_kombu.binding_permanent.{self._queue}",
+            ),
+            binding_member=self._binding_member,
+            parts=parts,
+        )
+
+    @property
+    def _binding_member(self) -> str:
+        # The binding kombu's queue declaration writes (`Channel._queue_bind`): `routing key,
+        # pattern, queue` for the default exchange. Workers write it too; nothing consumes by it.
+        return lanes.PRIORITY_SEPARATOR.join([self._queue, "", self._queue])
 
     async def publish_job(self, job_id: int, level: int = 0) -> None:
         message = task_message(
@@ -196,9 +234,7 @@ class RedisPublisher:
         if self._declared:
             await self._client.lpush(name, message)
             return
-        # The binding kombu's queue declaration writes (`Channel._queue_bind`): `routing key,
-        # pattern, queue` for the default exchange. Workers write it too; nothing consumes by it.
-        member = lanes.PRIORITY_SEPARATOR.join([self._queue, "", self._queue])
+        member = self._binding_member
         pipe = self._client.pipeline(transaction=False)
         pipe.sadd(f"_kombu.binding.{self._queue}", member)
         pipe.sadd(f"_kombu.binding_permanent.{self._queue}", member)
@@ -222,11 +258,63 @@ def task_message(
     Headers and embed: celery.app.amqp.AMQP.as_task_v2; properties: kombu's Producer.publish
     and virtual.Channel.basic_publish (base64 body, a delivery tag per message, the default
     exchange with the queue as routing key, priority 0 so the plain list)."""
+    body = json.dumps([args, {}, _EMBED]).encode()
+    envelope = _envelope(
+        task,
+        base64.b64encode(body).decode(),
+        repr(args),
+        queue,
+        origin=origin,
+        reply_to=reply_to,
+        priority=priority,
+        body_encoding="base64",
+    )
+    return json.dumps(envelope).encode()
+
+
+def job_message_parts(
+    queue: str, *, origin: str, reply_to: str, priority: int = 0
+) -> tuple[str, str, str]:
+    """`GENERATE_TASK`'s message for one job id, as text around the id (which appears twice:
+    in the body's arguments and in their repr), for a Redis script that knows the id only once
+    it created the record.
+
+    The body is the JSON itself, not its base64: kombu's transport option `body_encoding`
+    (None) writes messages that way, and every kombu consumer decodes a message by its own
+    `body_encoding` property, so a worker runs it like a base64 one
+    (tests/unit/test_queue.py compares it with kombu's own)."""
+    marker = uuid.uuid4().hex  # stands for the id: nothing else in the message can hold it
+    envelope = _envelope(
+        GENERATE_TASK,
+        f"[[{marker}], {{}}, {json.dumps(_EMBED)}]",
+        f"[{marker}]",
+        queue,
+        origin=origin,
+        reply_to=reply_to,
+        priority=priority,
+        body_encoding=None,
+    )
+    before, between, after = json.dumps(envelope).split(marker)
+    return before, between, after
+
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def _envelope(
+    task: str,
+    body: str,
+    argsrepr: str,
+    queue: str,
+    *,
+    origin: str,
+    reply_to: str,
+    priority: int,
+    body_encoding: str | None,
+) -> dict[str, Any]:
     task_id = str(uuid.uuid4())
-    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    body = json.dumps([args, {}, embed]).encode()
-    envelope = {
-        "body": base64.b64encode(body).decode(),
+    return {
+        "body": body,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -242,7 +330,7 @@ def task_message(
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,
-            "argsrepr": repr(args),
+            "argsrepr": argsrepr,
             "kwargsrepr": "{}",
             "origin": origin,
             "ignore_result": None,
@@ -256,11 +344,10 @@ def task_message(
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": priority,
-            "body_encoding": "base64",
+            "body_encoding": body_encoding,
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return json.dumps(envelope).encode()
 
 
 class RecordingPublisher:
@@ -286,6 +373,9 @@ class AsyncRecordingPublisher:
     def __init__(self) -> None:
         self.jobs: list[int] = []
         self.fail_with: Exception | None = None
+
+    def message_for_create(self, level: int) -> None:
+        return None
 
     async def publish_job(self, job_id: int, level: int = 0) -> None:
         if self.fail_with:

@@ -15,9 +15,9 @@ import builtins
 import hashlib
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import redis
 import redis.asyncio as aioredis
@@ -230,13 +230,39 @@ class AsyncApiKeyStore:
         """The key's record, read afresh on every request (a revocation applies to the next
         one): one HMGET of the fields a request needs, not the whole hash (its webhook secrets
         are the dispatcher's business)."""
-        if not key or not key.startswith(KEY_PREFIX) or len(key) > 128:
+        if not _well_formed(key):
             return None
-        values = await self._r.hmget(keys.api_key(hash_key(key)), _LOOKUP_FIELDS)
-        if values[0] is None:  # no record: an unknown key
-            return None
-        info = _decode({f: v for f, v in zip(_LOOKUP_FIELDS, values, strict=True) if v is not None})
-        return None if info.revoked else info
+        return _looked_up(await self._r.hmget(_lookup_record(key), _LOOKUP_FIELDS))
+
+    async def lookup_with(
+        self, key: str | None, read: Callable[[Any], None]
+    ) -> tuple[KeyInfo | None, list[Any]]:
+        """`lookup`, and in the same round trip what `read` queues on the pipeline it is given
+        (the replies to its commands, in order). A malformed key reads nothing."""
+        if not _well_formed(key):
+            return None, []
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(_lookup_record(key), _LOOKUP_FIELDS)
+        read(pipe)
+        values, *replies = await pipe.execute()
+        return _looked_up(values), replies
+
+
+def _well_formed(key: str | None) -> TypeGuard[str]:
+    """Whether `key` can be a key at all (else no need to ask Redis)."""
+    return key is not None and key.startswith(KEY_PREFIX) and len(key) <= 128
+
+
+def _lookup_record(key: str) -> str:
+    return keys.api_key(hash_key(key))
+
+
+def _looked_up(values: list[Any]) -> KeyInfo | None:
+    """The key an HMGET of `_LOOKUP_FIELDS` found: None for no record or a revoked one."""
+    if values[0] is None:  # no record: an unknown key
+        return None
+    info = _decode({f: v for f, v in zip(_LOOKUP_FIELDS, values, strict=True) if v is not None})
+    return None if info.revoked else info
 
 
 _LOOKUP_FIELDS = ("id", "name", "created_at", "revoked", "plan")

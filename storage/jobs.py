@@ -191,15 +191,19 @@ def decode(raw: dict[str, str]) -> JobRecord:
     )
 
 
-# KEYS: seq, active set, the owner's unfinished set. ARGV: job key prefix, cap on the owner's
-# unfinished jobs ('' for none), now, job ttl, predicted run seconds, priority level, then
+# KEYS: seq, active set, the owner's unfinished set, then, to publish in the same step, the
+# broker list and the queue's two binding sets. ARGV: job key prefix, cap on the owner's
+# unfinished jobs ('' for none), now, job ttl, predicted run seconds, priority level, the binding
+# member and the message's three parts around its job id (all '' when not publishing), then
 # field/value pairs.
 # Returns the new id, or -1 when the owner already has `cap` unfinished jobs: the check and the
 # insert are one step, so the cap holds across API processes. An entry older than the ttl is
 # dropped first: a record lost without its terminal transition (a Redis restart that kept only
 # part of it) must not hold a slot for ever. An id whose record exists (the sequence was lost
 # while records survived) is skipped, never overwritten. The job joins the queued set and its
-# predicted seconds its level's queued work (the ETA's work ahead) in the same step.
+# predicted seconds its level's queued work (the ETA's work ahead) in the same step, and, when
+# the broker is this Redis, its message joins the broker's list: a record never waits without
+# its message, and the API makes one round trip instead of two.
 _CREATE = (
     """
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
@@ -210,12 +214,17 @@ while redis.call('EXISTS', key) == 1 do
   id = redis.call('INCR', KEYS[1])
   key = ARGV[1] .. id
 end
-redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 7))
+redis.call('HSET', key, 'id', id, 'status', 'queued', unpack(ARGV, 11))
 redis.call('ZADD', KEYS[2], id, id)
 redis.call('ZADD', KEYS[3], ARGV[3], id)
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('ZADD', '$QUEUED', tonumber(ARGV[6]) * $SPAN + id, id)
 redis.call('HINCRBYFLOAT', '$WORK', ARGV[6], ARGV[5])
+if #KEYS > 3 then
+  redis.call('SADD', KEYS[5], ARGV[7])
+  redis.call('SADD', KEYS[6], ARGV[7])
+  redis.call('LPUSH', KEYS[4], ARGV[8] .. id .. ARGV[9] .. id .. ARGV[10])
+end
 return id
 """.replace("$QUEUED", keys.QUEUED_JOBS)
     .replace("$WORK", keys.QUEUED_WORK)
@@ -489,6 +498,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def record_of(raw: dict[Any, Any]) -> JobRecord | None:
+    """The record a job hash's HGETALL reply holds (None: no such job)."""
+    return decode(_decode_hash(raw)) if raw else None
+
+
 def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
@@ -526,13 +540,38 @@ class UnfinishedCapReached(Exception):
         self.cap = cap
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerMessage:
+    """A job's broker message, for the create step to push with the record (a Redis broker
+    that is the job Redis): the list it goes to, the queue's binding, and the message's text
+    around the job id, which appears in it twice (the task's arguments and their repr)."""
+
+    list_name: str
+    binding_sets: tuple[str, str]
+    binding_member: str
+    parts: tuple[str, str, str]
+
+    def text(self, job_id: int) -> str:
+        """The message as the create step writes it for `job_id`."""
+        before, between, after = self.parts
+        return f"{before}{job_id}{between}{job_id}{after}"
+
+
 def _create_call(
-    job: NewJob, now: float, ttl: int, max_unfinished: int | None
+    job: NewJob,
+    now: float,
+    ttl: int,
+    max_unfinished: int | None,
+    message: BrokerMessage | None = None,
 ) -> tuple[list[str], list[Any]]:
     keys_ = [keys.JOB_SEQ, keys.ACTIVE_JOBS, keys.unfinished_jobs(job.owner)]
     cap = "" if max_unfinished is None else str(max_unfinished)
     fields = _encode(_new_job_fields(job, now))
-    args = [keys.job(0)[:-1], cap, now, ttl, job.predicted_seconds, job.level, *fields]
+    publish: list[str] = ["", "", "", ""]
+    if message is not None:
+        keys_ += [message.list_name, *message.binding_sets]
+        publish = [message.binding_member, *message.parts]
+    args = [keys.job(0)[:-1], cap, now, ttl, job.predicted_seconds, job.level, *publish, *fields]
     return keys_, args
 
 
@@ -580,8 +619,7 @@ class JobStore:
         return _created(self._create(keys=keys_, args=args), max_unfinished)
 
     def get(self, job_id: int) -> JobRecord | None:
-        raw = self._r.hgetall(keys.job(job_id))
-        return decode(_decode_hash(raw)) if raw else None
+        return record_of(self._r.hgetall(keys.job(job_id)))
 
     def unfinished(self, owner: str) -> list[int]:
         """Ids of the owner's queued and processing jobs (what its cap counts), oldest first."""
@@ -793,14 +831,25 @@ class AsyncJobStore:
         )
         return {JobStatus.QUEUED: int(queued), JobStatus.PROCESSING: int(processing)}
 
-    async def create(self, job: NewJob, *, max_unfinished: int | None = None) -> int:
-        """As `JobStore.create`."""
-        keys_, args = _create_call(job, self._clock(), self._ttl, max_unfinished)
+    async def create(
+        self,
+        job: NewJob,
+        *,
+        max_unfinished: int | None = None,
+        message: BrokerMessage | None = None,
+    ) -> int:
+        """As `JobStore.create`; with `message`, its broker message is pushed in the same
+        step (the broker must be this Redis)."""
+        keys_, args = _create_call(job, self._clock(), self._ttl, max_unfinished, message)
         return _created(await self._create(keys=keys_, args=args), max_unfinished)
 
     async def get(self, job_id: int) -> JobRecord | None:
-        raw = await self._r.hgetall(keys.job(job_id))
-        return decode(_decode_hash(raw)) if raw else None
+        return record_of(await self._r.hgetall(keys.job(job_id)))
+
+    @staticmethod
+    def queue_get(pipe: Any, job_id: int) -> None:
+        """Queue `get`'s read on a pipeline; `record_of` decodes its reply."""
+        pipe.hgetall(keys.job(job_id))
 
     async def fail(self, job_id: int, message: str, *, webhook: bool = True) -> bool:
         """`webhook=False`: no delivery for this end (the client was told at once, with no id)."""

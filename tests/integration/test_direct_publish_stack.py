@@ -1,6 +1,7 @@
 """The API's direct Redis publisher (dreamq/queue.py `RedisPublisher`, no kombu) feeding a real
 `dreamq worker`: a message it pushes runs like one of `send_task`'s, whether the broker is the
-job Redis (the API's own client) or a redis-server of its own (a client with kombu's timeouts).
+job Redis (the job store's create step pushes it with the record) or a redis-server of its own
+(a client with kombu's timeouts).
 A broker that went away fails the request with 503, and the job with it."""
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def direct_stack(
             stack.enter_context(dreamq_worker(env, "worker"))
         key, _ = ApiKeyStore(redis_proc.client()).create("direct")
         api = stack.enter_context(TestClient(create_app(settings)))
-        assert isinstance(api.app.state.publisher, RedisPublisher)  # type: ignore[attr-defined]
+        publisher = api.app.state.publisher  # type: ignore[attr-defined]
+        assert isinstance(publisher, RedisPublisher)
+        # The job Redis's create step pushes the message; a broker of its own gets a publish.
+        assert (publisher.message_for_create(0) is None) == own_broker
         yield api, key, broker
 
 

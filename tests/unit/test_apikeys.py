@@ -228,3 +228,33 @@ def test_list_shows_every_key_oldest_first_and_never_the_key_or_its_hash(
         assert key not in shown and key.removeprefix(KEY_PREFIX) not in shown
         assert hash_key(key) not in shown
     assert ApiKeyStore(fakeredis.FakeRedis()).list() == []
+
+
+def lookup_with_get(
+    server: fakeredis.FakeServer, key: str | None, name: str
+) -> tuple[KeyInfo | None, list[object]]:
+    async def lookup() -> tuple[KeyInfo | None, list[object]]:
+        keys_store = AsyncApiKeyStore(fakeredis.aioredis.FakeRedis(server=server))
+        return await keys_store.lookup_with(key, lambda pipe: pipe.get(name))
+
+    return asyncio.run(lookup())
+
+
+def test_lookup_with_reads_the_key_and_more_in_one_go(
+    store: ApiKeyStore, client: redis.Redis, server: fakeredis.FakeServer
+) -> None:
+    """The fetch's round trip: the key's lookup and the record, whatever the key turns out."""
+    key, info = store.create("alice")
+    client.set("other", "value")
+    assert lookup_with_get(server, key, "other") == (info, [b"value"])
+    client.hset(keys.api_key(hash_key(key)), "revoked", "1")
+    assert lookup_with_get(server, key, "other") == (None, [b"value"])
+    assert lookup_with_get(server, KEY_PREFIX + "x" * 43, "other") == (None, [b"value"])
+
+
+@pytest.mark.parametrize("key", [None, "no-prefix-key", KEY_PREFIX + "a" * 128])
+def test_lookup_with_a_malformed_key_reads_nothing(
+    store: ApiKeyStore, client: redis.Redis, server: fakeredis.FakeServer, key: str | None
+) -> None:
+    client.set("other", "value")
+    assert lookup_with_get(server, key, "other") == (None, [])

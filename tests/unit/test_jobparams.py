@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -28,6 +29,24 @@ def full() -> JobParams:
 def test_round_trip_through_a_json_dict() -> None:
     params = full()
     assert JobParams.from_dict(params.to_dict()) == params
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        full(),
+        JobParams(kind="txt2img", prompt="x"),
+        JobParams.from_dict({**full().to_dict(), "later": {"a": [1]}}),
+    ],
+    ids=["full", "defaults", "extras"],
+)
+def test_to_dict_is_asdict(params: JobParams) -> None:
+    """Built field by field (asdict's deep copy was a measurable part of a submission), with
+    asdict's result, and nothing shared with the params but immutable values."""
+    data = params.to_dict()
+    assert data == dataclasses.asdict(params)
+    assert list(data) == list(dataclasses.asdict(params))
+    assert data["extras"] is not params.extras or not params.extras
 
 
 def test_unknown_keys_of_a_stored_record_are_kept_aside() -> None:

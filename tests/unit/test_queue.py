@@ -25,6 +25,7 @@ from dreamq.queue import (
     make_celery,
 )
 from dreamq.settings import Settings
+from storage.jobs import AsyncJobStore, NewJob, UnfinishedCapReached
 from tests.support.processes import RedisServer, free_port
 from tests.support.tcpproxy import TcpProxy, tcp_proxy
 
@@ -61,13 +62,142 @@ def test_the_direct_message_is_the_one_send_task_pushes(
     settings = Settings(redis_url=redis_proc.url, generate_queue=queue)
     CeleryPublisher(make_celery(settings), settings).publish_job(42, level)
     publish_directly(redis_proc.url, queue, 42, level)
-    # Both in the list of the level's priority (LPUSH: newest first), none anywhere else.
+    ours, theirs = _the_two_messages(redis_proc, queue, level)
+    _assert_same_message(ours, theirs, 42)
+    # The body is base64 of the same JSON [args, kwargs, embed], byte for byte.
+    assert base64.b64decode(ours["body"]) == base64.b64decode(theirs["body"])
+
+
+@pytest.mark.parametrize("level", range(lanes.LEVELS))
+def test_the_message_created_with_the_record_is_kombus_with_a_plain_body(
+    redis_proc: RedisServer, level: int
+) -> None:
+    """The job store's create step pushes the message it is given (a broker that is the job
+    Redis): kombu's own with its `body_encoding` transport option off, the JSON body as is,
+    which a worker decodes by the message's own property (a real worker runs such messages in
+    tests/integration/test_direct_publish_stack.py)."""
+    queue = f"generate-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_proc.url, generate_queue=queue)
+    celery = make_celery(settings)
+    celery.conf.broker_transport_options = {
+        **celery.conf.broker_transport_options,
+        "body_encoding": None,
+    }
+    CeleryPublisher(celery, settings).publish_job(42, level)
+
+    async def create() -> int:
+        client = aioredis.Redis.from_url(redis_proc.url)
+        try:
+            publisher = RedisPublisher(client, queue, job_redis=True)
+            message = publisher.message_for_create(level)
+            assert message is not None
+            store = AsyncJobStore(client, ttl_seconds=60)
+            return await store.create(new_job(level=level), message=message)
+        finally:
+            await client.aclose()
+
+    job_id = asyncio.run(create())
+    # The pushed message names the id the record got (not 42: the test asked kombu for 42).
+    ours, theirs = _the_two_messages(redis_proc, queue, level)
+    theirs["body"] = theirs["body"].replace("[[42]", f"[[{job_id}]")
+    theirs["headers"]["argsrepr"] = f"[{job_id}]"
+    _assert_same_message(ours, theirs, job_id)
+    assert ours["body"] == theirs["body"]
+    assert ours["properties"]["body_encoding"] is None
+
+
+def test_a_publisher_of_another_broker_leaves_the_record_alone() -> None:
+    """A broker of its own (or RabbitMQ): the API publishes once the record exists."""
+    client = aioredis.Redis.from_url("redis://127.0.0.1:9/0")  # never connected
+    assert RedisPublisher(client, "generate").message_for_create(0) is None
+    assert ThreadedPublisher(RecordingPublisher()).message_for_create(0) is None
+
+
+def test_a_create_refused_by_the_cap_pushes_no_message(redis_proc: RedisServer) -> None:
+    queue = f"generate-{uuid.uuid4().hex[:8]}"
+
+    async def create_twice() -> list[int | str]:
+        client = aioredis.Redis.from_url(redis_proc.url)
+        try:
+            publisher = RedisPublisher(client, queue, job_redis=True)
+            store = AsyncJobStore(client, ttl_seconds=60)
+            owner = f"key-{uuid.uuid4().hex[:8]}"
+            results: list[int | str] = []
+            for _ in range(2):
+                message = publisher.message_for_create(0)
+                try:
+                    created = await store.create(
+                        new_job(owner=owner), max_unfinished=1, message=message
+                    )
+                    results.append(created)
+                except UnfinishedCapReached:
+                    results.append("capped")
+            return results
+        finally:
+            await client.aclose()
+
+    first, second = asyncio.run(create_twice())
+    assert second == "capped"
+    pushed = [json.loads(raw) for raw in redis_proc.client().lrange(queue, 0, -1)]
+    assert [json.loads(m["body"])[0] for m in pushed] == [[first]]
+
+
+def test_a_create_cut_by_a_blip_leaves_neither_record_nor_message(redis_proc: RedisServer) -> None:
+    """The job Redis (the broker too) dropped every connection: the create on the dead pooled
+    connection fails whole (the API answers 503; no record waits without its message, no message
+    without its record), and the next one goes through on a fresh connection."""
+    queue = f"generate-{uuid.uuid4().hex[:8]}"
+
+    async def create_across_a_blip(proxy: TcpProxy) -> list[int]:
+        client = aioredis.Redis.from_url(proxy.url())
+        try:
+            publisher = RedisPublisher(client, queue, job_redis=True)
+            store = AsyncJobStore(client, ttl_seconds=60)
+            ids = [await store.create(new_job(), message=publisher.message_for_create(0))]
+            proxy.reset()  # the pooled connection is now dead
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await store.create(new_job(), message=publisher.message_for_create(0))
+            ids.append(await store.create(new_job(), message=publisher.message_for_create(0)))
+            return ids
+        finally:
+            await client.aclose()
+
+    with tcp_proxy(redis_proc.port) as proxy:
+        first, second = asyncio.run(create_across_a_blip(proxy))
+    assert second == first + 1  # the failed create took no id
+    pushed = [json.loads(raw) for raw in redis_proc.client().lrange(queue, 0, -1)]
+    assert sorted(json.loads(m["body"])[0][0] for m in pushed) == [first, second]
+
+
+def new_job(level: int = 0, owner: str | None = None) -> NewJob:
+    return NewJob(
+        owner=owner or f"key-{uuid.uuid4().hex[:8]}",
+        model_id="demo",
+        kind="txt2img",
+        params={},
+        meta={},
+        file_prefix="p",
+        future_links=[],
+        predicted_seconds=1.0,
+        eta_seconds=1.0,
+        level=level,
+    )
+
+
+def _the_two_messages(
+    redis_proc: RedisServer, queue: str, level: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ours, kombu's): the two messages in the level's priority list (LPUSH: newest first),
+    none anywhere else."""
     client = redis_proc.client()
     others = [lanes.list_name(queue, n) for n in range(lanes.LEVELS) if n != level]
     assert [client.llen(name) for name in others] == [0] * len(others)
     ours_raw, theirs_raw = client.lrange(lanes.list_name(queue, level), 0, -1)
-    ours, theirs = json.loads(ours_raw), json.loads(theirs_raw)
+    return json.loads(ours_raw), json.loads(theirs_raw)
 
+
+def _assert_same_message(ours: dict[str, Any], theirs: dict[str, Any], job_id: int) -> None:
+    """The same fields with the same values, ids aside; the ids where Celery puts them."""
     assert ours.keys() == theirs.keys()
     assert ours["headers"].keys() == theirs["headers"].keys()
     assert ours["properties"].keys() == theirs["properties"].keys()
@@ -77,10 +207,10 @@ def test_the_direct_message_is_the_one_send_task_pushes(
         assert ours["headers"][name] == theirs["headers"][name], name
     for name in ours["properties"].keys() - ID_PROPERTIES:
         assert ours["properties"][name] == theirs["properties"][name], name
-    # The body is base64 of the same JSON [args, kwargs, embed], byte for byte.
-    assert base64.b64decode(ours["body"]) == base64.b64decode(theirs["body"])
-    assert json.loads(base64.b64decode(ours["body"]))[0] == [42]
-
+    body = ours["body"]
+    if ours["properties"]["body_encoding"] == "base64":
+        body = base64.b64decode(body)
+    assert json.loads(body)[0] == [job_id]
     # The ids are where Celery puts them: one task id, fresh per message.
     task_id = ours["headers"]["id"]
     assert is_uuid(task_id) and task_id != theirs["headers"]["id"]
