@@ -107,7 +107,10 @@ async def fetch_by_id(
     return await service.fetch(body.key, id)
 
 
+# In the order the router tries them: the two calls clients make most (a submission, then fetches
+# until it is done) first; each route tried costs a match (about 1 µs).
 for _endpoint, _paths, _tag in (
+    (fetch_by_id, FETCH_BY_ID_PATHS, "fetch"),
     (text2img, TXT2IMG_PATHS, "generation"),
     (img2img, IMG2IMG_PATHS, "generation"),
     (inpaint, INPAINT_PATHS, "generation"),
@@ -115,7 +118,6 @@ for _endpoint, _paths, _tag in (
     (model_reload, MODEL_RELOAD_PATHS, "models"),
     (model_list, MODEL_LIST_PATHS, "models"),
     (fetch, FETCH_PATHS, "fetch"),
-    (fetch_by_id, FETCH_BY_ID_PATHS, "fetch"),
 ):
     for _path in _paths:
         router.add_api_route(
