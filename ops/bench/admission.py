@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
 
 from ops.bench.load import LoadResult, closed_loop, open_loop
-from ops.bench.processes import dreamq, free_port, http_server, uvicorn_app
+from ops.bench.processes import child, dreamq, free_port, http_server, uvicorn_app, wait_http
 from ops.bench.report import Row
 from storage.apikeys import ApiKeyStore
 
@@ -56,6 +57,45 @@ def summary(result: LoadResult) -> str:
     return f"{result.rate:,.0f}/s (p50 {ms(result.p(50))}, p99 {ms(result.p(99))})"
 
 
+@dataclass(frozen=True)
+class ServerCpu:
+    """What serving a load cost the servers: CPU per answered request, of the API process and
+    of redis-server (which every API process shares), and the share of a core the API used."""
+
+    api_us: float
+    redis_us: float
+    api_core: float
+
+    def __str__(self) -> str:
+        return (
+            f"API process {self.api_us:,.0f} µs of CPU per answer ({self.api_core:.0%} of a "
+            f"core), redis-server {self.redis_us:,.0f} µs"
+        )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def metered(
+    drive: Callable[[], LoadResult], api_pid: int, client: redis.Redis
+) -> tuple[LoadResult, ServerCpu]:
+    """`drive()`'s result and what it cost the API process and Redis per answered request."""
+    api0, redis0 = process_cpu_seconds(api_pid), redis_cpu_seconds(client)
+    result = drive()
+    api, used = process_cpu_seconds(api_pid) - api0, redis_cpu_seconds(client) - redis0
+    answers = max(1, result.ok + result.errors)
+    return result, ServerCpu(1e6 * api / answers, 1e6 * used / answers, api / result.seconds)
+
+
 @dataclass
 class AdmissionFigures:
     dreamq: LoadResult
@@ -64,6 +104,8 @@ class AdmissionFigures:
     paced: LoadResult
     fetch: LoadResult
     fetch_paced: LoadResult
+    submit_cpu: ServerCpu
+    fetch_cpu: ServerCpu
 
 
 def _drive_submit(base: str, key: str, cfg: AdmissionConfig, *, keep: bool = False) -> LoadResult:
@@ -79,12 +121,18 @@ def _drive_submit(base: str, key: str, cfg: AdmissionConfig, *, keep: bool = Fal
 
 
 def measure(redis_url: str, env: Mapping[str, str], cfg: AdmissionConfig) -> AdmissionFigures:
-    key, _ = ApiKeyStore(redis.Redis.from_url(redis_url)).create("bench")
+    client = redis.Redis.from_url(redis_url)
+    key, _ = ApiKeyStore(client).create("bench")
     port = free_port()
     api_env = {**env, "DREAMQ_PUBLIC_URL": f"http://127.0.0.1:{port}"}
     api = dreamq("api", "--host", "127.0.0.1", "--port", str(port))
-    with http_server(api, api_env, "dreamq api", port, probe="/ready") as base:
-        accepted = _drive_submit(base, key, cfg, keep=True)
+    with child(api, api_env, "dreamq api") as server:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/ready", process=server)
+        pid = server.process.pid
+        accepted, submit_cpu = metered(
+            lambda: _drive_submit(base, key, cfg, keep=True), pid, client
+        )
         head, tail = submission(key)
         paced = asyncio.run(
             open_loop(
@@ -101,8 +149,12 @@ def measure(redis_url: str, env: Mapping[str, str], cfg: AdmissionConfig) -> Adm
             return f"{SUBMIT}/fetch/{ids[n % len(ids)]}", fetch_body
 
         asyncio.run(closed_loop(base, fetch, connections=cfg.connections, seconds=cfg.warmup))
-        fetched = asyncio.run(
-            closed_loop(base, fetch, connections=cfg.connections, seconds=cfg.seconds)
+        fetched, fetch_cpu = metered(
+            lambda: asyncio.run(
+                closed_loop(base, fetch, connections=cfg.connections, seconds=cfg.seconds)
+            ),
+            pid,
+            client,
         )
         fetch_paced = asyncio.run(
             open_loop(base, fetch, rate=OFFERED_RATE, seconds=cfg.open_seconds)
@@ -121,6 +173,8 @@ def measure(redis_url: str, env: Mapping[str, str], cfg: AdmissionConfig) -> Adm
         paced=paced,
         fetch=fetched,
         fetch_paced=fetch_paced,
+        submit_cpu=submit_cpu,
+        fetch_cpu=fetch_cpu,
     )
 
 
@@ -132,7 +186,7 @@ def rows(f: AdmissionFigures, cfg: AdmissionConfig) -> list[Row]:
             f"Admission: accepted/s, one API process ({conns})",
             f"{summary(f.dreamq)}; {ratio:.2f}x naive; {f.dreamq.errors} refused",
             f"naive send_task route {summary(f.naive)}; floor (one Redis pipeline) "
-            f"{summary(f.floor)}",
+            f"{summary(f.floor)}; {f.submit_cpu}",
             "≥ 2,000/s and ≥ 1.5x naive",
             f.dreamq.rate >= 2000 and ratio >= 1.5,
         ),
@@ -148,8 +202,8 @@ def rows(f: AdmissionFigures, cfg: AdmissionConfig) -> list[Row]:
         Row(
             f"Fetch: fetches/s, one API process ({conns})",
             summary(f.fetch),
-            f"client used {f.fetch.client_cpu:.0%} of a core; at {OFFERED_RATE:,.0f}/s "
-            f"offered: p99 {ms(f.fetch_paced.p(99))}",
+            f"{f.fetch_cpu}; client used {f.fetch.client_cpu:.0%} of a core; at "
+            f"{OFFERED_RATE:,.0f}/s offered: p99 {ms(f.fetch_paced.p(99))}",
             "≥ 5,000/s, p99 ≤ 10 ms",
             f.fetch.rate >= 5000 and f.fetch.p(99) <= 0.010,
         ),

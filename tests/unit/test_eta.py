@@ -352,6 +352,25 @@ def test_a_long_queue_ahead_is_extrapolated_from_its_first_jobs(
     assert got.queued_seconds == pytest.approx((1.0 + 3.0) / 2 * 3)
 
 
+def test_more_urgent_levels_count_in_full_and_only_the_own_level_is_extrapolated(
+    server: fakeredis.FakeServer, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A low-priority job behind many urgent ones: their work is the job store's exact sum, not
+    a scan of them; the scan and its extrapolation cover the jobs ahead in its own level."""
+    monkeypatch.setattr(eta, "QUEUE_SCAN_LIMIT", 2)
+    for seconds in (1.0, 2.0, 4.0, 8.0, 16.0):
+        store.create(new_job(predicted_seconds=seconds, level=0))
+    for seconds in (3.0, 5.0, 100.0):
+        store.create(new_job(predicted_seconds=seconds, level=1))
+    waiting = store.create(new_job(predicted_seconds=1.0, level=1))
+    store.create(new_job(predicted_seconds=50.0, level=0))  # urgent, after it: ahead of it too
+    got = read_ahead(server, waiting)
+    assert got.ahead == 9
+    # 81 s of urgent work exactly, then (3 + 5) / 2 per job for the 3 ahead in its level.
+    assert got.queued_seconds == pytest.approx(1 + 2 + 4 + 8 + 16 + 50 + (3.0 + 5.0) / 2 * 3)
+    assert got.first == pytest.approx((1.0, 2.0, 4.0, 8.0, 16.0, 50.0, 3.0, 5.0, 100.0))
+
+
 # ---------------------------------------------------------------- learning
 
 
