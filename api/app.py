@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 
 from api import errors
 from api.bodysize import BodySizeLimit
+from api.fastlane import FastLane, lanes_of
 from api.metrics import ApiMetrics, FleetReader
 from api.readiness import Readiness, broker_client, is_redis_url
 from api.redisclient import waiting_client
@@ -60,6 +61,8 @@ class Overrides:
     """The rate limiter's Redis; else DREAMQ_RATE_LIMIT_REDIS_URL's, else the job Redis."""
     limiter_clock: Callable[[], float] | None = None
     """The rate limiter's clock; else Redis's own."""
+    fast_lane: bool = True
+    """False: FastAPI serves every request (tests compare the two; api/fastlane.py)."""
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -92,6 +95,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         summary="Self-hosted Dreambooth API V4: text to image through a distributed job queue.",
         lifespan=lifespan,
     )
+    if parts.fast_lane:
+        # Added first, so inside the body cap and the metrics: they see its requests too.
+        app.add_middleware(FastLane, lanes=lanes_of(router))
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.body_limit, legacy_http_200=settings.legacy_http_200
     )

@@ -108,15 +108,27 @@ class AdmissionFigures:
     fetch_cpu: ServerCpu
 
 
-def _drive_submit(base: str, key: str, cfg: AdmissionConfig, *, keep: bool = False) -> LoadResult:
+def _drive_submit(
+    base: str,
+    key: str,
+    cfg: AdmissionConfig,
+    *,
+    keep: bool = False,
+    measured: Callable[[Callable[[], LoadResult]], LoadResult] = lambda drive: drive(),
+) -> LoadResult:
+    """A warm-up, then the closed loop that counts, run through `measured`."""
     head, tail = submission(key)
 
     def make(n: int) -> tuple[str, bytes]:
         return SUBMIT, head + str(n).encode() + tail
 
     asyncio.run(closed_loop(base, make, connections=cfg.connections, seconds=cfg.warmup))
-    return asyncio.run(
-        closed_loop(base, make, connections=cfg.connections, seconds=cfg.seconds, keep_bodies=keep)
+    return measured(
+        lambda: asyncio.run(
+            closed_loop(
+                base, make, connections=cfg.connections, seconds=cfg.seconds, keep_bodies=keep
+            )
+        )
     )
 
 
@@ -130,9 +142,15 @@ def measure(redis_url: str, env: Mapping[str, str], cfg: AdmissionConfig) -> Adm
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/ready", process=server)
         pid = server.process.pid
-        accepted, submit_cpu = metered(
-            lambda: _drive_submit(base, key, cfg, keep=True), pid, client
-        )
+        costs: list[ServerCpu] = []
+
+        def metering(drive: Callable[[], LoadResult]) -> LoadResult:
+            result, cost = metered(drive, pid, client)
+            costs.append(cost)
+            return result
+
+        accepted = _drive_submit(base, key, cfg, keep=True, measured=metering)
+        (submit_cpu,) = costs
         head, tail = submission(key)
         paced = asyncio.run(
             open_loop(
