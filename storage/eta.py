@@ -90,62 +90,94 @@ add('xy', x * y)
 return 1
 """
 
-# KEYS: queued set, queued work by level. ARGV: job id, job key prefix, scan limit, how many to
-# list. {jobs queued ahead, their predicted seconds, the first `list` of those one by one (flat:
-# predicted seconds, batch key, samples, level)}. The work of the more urgent levels is their
-# queued work (kept exactly by the job store); the jobs ahead in the job's own level are summed
-# over the first `limit` of them and extrapolated at their mean beyond, so a fetch costs Redis the
-# same with a queue of a thousand jobs as of a million.
-_AHEAD = (
-    """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score then return {0, '0', {}} end
-local before = '(' .. score
-local level = math.floor(tonumber(score) / $SPAN)
-local level_start = level * $SPAN
-local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', before)
-local work = 0
-local sums = redis.call('HGETALL', KEYS[2])
-for i = 1, #sums, 2 do
-  if tonumber(sums[i]) < level then work = work + (tonumber(sums[i + 1]) or 0) end
+# The scripts below read everything an estimate needs in one call: a pipeline of the same reads
+# cost the API's event loop about twice the CPU (redis-py packs and parses each command).
+# `fleet` reads the running set (with the scores: when each running job should end), the live
+# pool processes' names, their model lists and the count of live nodes.
+_FLEET = """
+local function fleet(running, expiry, models, workers, now, floor)
+  return {
+    redis.call('ZRANGE', running, 0, -1, 'WITHSCORES'),
+    redis.call('ZRANGEBYSCORE', expiry, now, '+inf'),
+    redis.call('HGETALL', models),
+    redis.call('ZCOUNT', workers, floor, '+inf'),
+  }
 end
-local in_level = redis.call('ZCOUNT', KEYS[1], level_start, before)
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], level_start, before, 'LIMIT', 0,
-  tonumber(ARGV[3]))
-local level_work = 0
-for _, id in ipairs(ids) do
-  level_work = level_work + (tonumber(redis.call('HGET', ARGV[2] .. id, 'predicted_seconds')) or 0)
-end
-if #ids > 0 and in_level > #ids then level_work = level_work * in_level / #ids end
-local first, n = {}, 0
-local head = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, tonumber(ARGV[4]))
-for _, id in ipairs(head) do
-  local f = redis.call('HMGET', ARGV[2] .. id, 'predicted_seconds', 'batch_key', 'samples', 'level')
-  first[n + 1] = f[1] or '0'
-  first[n + 2] = f[2] or ''
-  first[n + 3] = f[3] or '1'
-  first[n + 4] = f[4] or '0'
-  n = n + 4
-end
-return {ahead, tostring(work + level_work), first}
 """
-).replace("$SPAN", str(keys.LEVEL_SPAN))
 
-# KEYS: queued set. ARGV: job key prefix, how many. The head of the queue, in the order workers
-# take it: {score, predicted seconds, batch key, samples, score, ...}.
-_HEAD = """
-local head = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
+# KEYS: the fleet's four (running set, model-list expiry, model lists, workers), the model's
+# statistics, the queued work by level, the owner's unfinished set, the queued set. ARGV: now, the
+# heartbeat floor, the job key prefix, how many head jobs, then the statistics' fields.
+# {fleet, the statistics' values, queued work by level (flat), the head of the queue in the order
+# workers take it (flat: score, predicted seconds, batch key, samples), the owner's unfinished
+# jobs}.
+_SUBMISSION = (
+    _FLEET
+    + """
+local head = redis.call('ZRANGE', KEYS[8], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 local out, n = {}, 0
 for i = 1, #head, 2 do
-  local f = redis.call('HMGET', ARGV[1] .. head[i], 'predicted_seconds', 'batch_key', 'samples')
+  local f = redis.call('HMGET', ARGV[3] .. head[i], 'predicted_seconds', 'batch_key', 'samples')
   out[n + 1] = head[i + 1]
   out[n + 2] = f[1] or '0'
   out[n + 3] = f[2] or ''
   out[n + 4] = f[3] or '1'
   n = n + 4
 end
-return out
+return {
+  fleet(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2]),
+  redis.call('HMGET', KEYS[5], unpack(ARGV, 5)),
+  redis.call('HGETALL', KEYS[6]),
+  out,
+  redis.call('ZCARD', KEYS[7]),
+}
 """
+)
+
+# KEYS: the fleet's four, the model's statistics, the queued set, the queued work by level. ARGV:
+# now, the heartbeat floor, job id, job key prefix, scan limit, how many to list. {fleet, the
+# model's load seconds, jobs queued ahead, their predicted seconds, the first `list` of those one
+# by one (flat: predicted seconds, batch key, samples, level)}. The work of the more urgent levels
+# is their queued work (kept exactly by the job store); the jobs ahead in the job's own level are
+# summed over the first `limit` of them and extrapolated at their mean beyond, so a fetch costs
+# Redis the same with a queue of a thousand jobs as of a million.
+_AHEAD = (
+    _FLEET
+    + """
+local state = fleet(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
+local load = redis.call('HGET', KEYS[5], 'load_seconds')
+local score = redis.call('ZSCORE', KEYS[6], ARGV[3])
+if not score then return {state, load, 0, '0', {}} end
+local before = '(' .. score
+local level = math.floor(tonumber(score) / $SPAN)
+local level_start = level * $SPAN
+local ahead = redis.call('ZCOUNT', KEYS[6], '-inf', before)
+local work = 0
+local sums = redis.call('HGETALL', KEYS[7])
+for i = 1, #sums, 2 do
+  if tonumber(sums[i]) < level then work = work + (tonumber(sums[i + 1]) or 0) end
+end
+local in_level = redis.call('ZCOUNT', KEYS[6], level_start, before)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[6], level_start, before, 'LIMIT', 0,
+  tonumber(ARGV[5]))
+local level_work = 0
+for _, id in ipairs(ids) do
+  level_work = level_work + (tonumber(redis.call('HGET', ARGV[4] .. id, 'predicted_seconds')) or 0)
+end
+if #ids > 0 and in_level > #ids then level_work = level_work * in_level / #ids end
+local first, n = {}, 0
+local head = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', before, 'LIMIT', 0, tonumber(ARGV[6]))
+for _, id in ipairs(head) do
+  local f = redis.call('HMGET', ARGV[4] .. id, 'predicted_seconds', 'batch_key', 'samples', 'level')
+  first[n + 1] = f[1] or '0'
+  first[n + 2] = f[2] or ''
+  first[n + 3] = f[3] or '1'
+  first[n + 4] = f[4] or '0'
+  n = n + 4
+end
+return {state, load, ahead, tostring(work + level_work), first}
+"""
+).replace("$SPAN", str(keys.LEVEL_SPAN))
 
 
 def work_units(width: int, height: int, steps: int, samples: int) -> float:
@@ -355,36 +387,33 @@ def estimate(inputs: EtaInputs, run_seconds: float, own: Batching | None = None)
     return round(_first_free(inputs, free) + cold + run_seconds, 2)
 
 
-def _queue_pipeline(pipe: Any, model_id: str, fields: list[str], now: float) -> None:
-    pipe.hmget(keys.model_stats(model_id), fields)
-    pipe.zrange(keys.RUNNING_JOBS, 0, -1, withscores=True)
-    pipe.zrangebyscore(keys.WORKER_MODELS_EXPIRY, now, "+inf")
-    pipe.hgetall(keys.WORKER_MODELS)
-    pipe.zcount(keys.WORKERS, now - HEARTBEAT_TTL, "+inf")
+def _fleet_call(now: float) -> tuple[list[str], list[float]]:
+    """The fleet's keys and arguments, first in both scripts."""
+    fleet_keys = [keys.RUNNING_JOBS, keys.WORKER_MODELS_EXPIRY, keys.WORKER_MODELS, keys.WORKERS]
+    return fleet_keys, [now, now - HEARTBEAT_TTL]
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _fleet(
-    model_id: str,
-    now: float,
-    running: Sequence[tuple[Any, float]],
-    live: Sequence[Any],
-    models: Mapping[Any, Any],
-    serving_nodes: int,
-) -> Fleet:
+def _fleet(model_id: str, now: float, reply: Sequence[Any]) -> Fleet:
+    """The fleet from the scripts' `fleet` reply."""
+    running, live, models, serving_nodes = reply
     names = {_text(name) for name in live}
     warm = False
-    for name, listed in models.items():
+    for name, listed in _pairs(models):
         if _text(name) in names and model_id in json.loads(listed):
             warm = True
             break
     # Every live pool process of a generation worker publishes its model list (even empty): the
     # count of them is the parallelism. Workers too old to publish are counted per node.
-    processes = max(1, len(names) or serving_nodes)
-    left = tuple(sorted(max(0.0, float(finish) - now) for _, finish in running))
+    processes = max(1, len(names) or int(serving_nodes))
+    left = tuple(sorted(max(0.0, float(finish) - now) for _, finish in _pairs(running)))
     return Fleet(processes=processes, running=left, warm=warm)
 
 
@@ -425,12 +454,21 @@ async def read_submission(
     client: aioredis.Redis, model_id: str, shape: Shape, now: float, owner: str
 ) -> SubmissionView:
     """What a new job's estimate needs, in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    _queue_pipeline(pipe, model_id, _stat_fields(shape), now)
-    pipe.hgetall(keys.QUEUED_WORK)
-    pipe.eval(_HEAD, 1, keys.QUEUED_JOBS, keys.job(0)[:-1], SIMULATED_AHEAD)
-    pipe.zcard(keys.unfinished_jobs(owner))
-    stats, running, live, models, nodes, work, head, unfinished = await pipe.execute()
+    fleet_keys, fleet_args = _fleet_call(now)
+    reply = await client.eval(
+        _SUBMISSION,
+        8,
+        *fleet_keys,
+        keys.model_stats(model_id),
+        keys.QUEUED_WORK,
+        keys.unfinished_jobs(owner),
+        keys.QUEUED_JOBS,
+        *fleet_args,
+        keys.job(0)[:-1],
+        SIMULATED_AHEAD,
+        *_stat_fields(shape),
+    )
+    fleet, stats, work, head, unfinished = reply
     pairs: list[tuple[float, float]] = []
     batching: list[Batching] = []
     for i in range(0, len(head), 4):
@@ -440,8 +478,8 @@ async def read_submission(
         batching.append(Batching(_text(head[i + 2]), int(head[i + 3] or 1), level))
     return SubmissionView(
         stats=RunStats.from_values(stats),
-        fleet=_fleet(model_id, now, running, live, models, int(nodes)),
-        queued_by_level={int(level): float(seconds) for level, seconds in work.items()},
+        fleet=_fleet(model_id, now, fleet),
+        queued_by_level={int(level): float(seconds) for level, seconds in _pairs(work)},
         head=pairs,
         unfinished=int(unfinished),
         head_batching=batching,
@@ -452,24 +490,26 @@ async def read_inputs_ahead_of(
     client: aioredis.Redis, job_id: int, model_id: str, now: float, batch_images: int = 1
 ) -> EtaInputs:
     """What a queued job's fetch needs: the jobs queued ahead of it, not behind, and whether its
-    model will need loading (its own run time is the prediction in its record)."""
-    pipe = client.pipeline(transaction=False)
-    _queue_pipeline(pipe, model_id, ["load_seconds"], now)
-    prefix = keys.job(0)[:-1]
-    pipe.eval(
+    model will need loading (its own run time is the prediction in its record). One round
+    trip."""
+    fleet_keys, fleet_args = _fleet_call(now)
+    reply = await client.eval(
         _AHEAD,
-        2,
+        7,
+        *fleet_keys,
+        keys.model_stats(model_id),
         keys.QUEUED_JOBS,
         keys.QUEUED_WORK,
+        *fleet_args,
         job_id,
-        prefix,
+        keys.job(0)[:-1],
         QUEUE_SCAN_LIMIT,
         SIMULATED_AHEAD,
     )
-    (load,), running, live, models, nodes, (ahead, work, first) = await pipe.execute()
+    fleet, load, ahead, work, first = reply
     return EtaInputs(
         stats=RunStats(load_seconds=_number(load)),
-        fleet=_fleet(model_id, now, running, live, models, int(nodes)),
+        fleet=_fleet(model_id, now, fleet),
         queued_seconds=max(0.0, float(work)),
         first=tuple(float(first[i]) for i in range(0, len(first), 4)),
         ahead=int(ahead),
