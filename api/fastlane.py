@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,12 +51,16 @@ class Lane:
     answer: TypeAdapter[Any]
 
 
-def _fetch(service: DreamboothService, body: KeyOnlyRequest, params: dict[str, str]) -> Any:
-    return service.fetch(body.key, int(params["id"]))
+def _fetch(
+    service: DreamboothService, body: KeyOnlyRequest, params: dict[str, str]
+) -> Awaitable[BaseModel]:
+    return service.fetch(body.key, int(params["id"]))  # as api/routes.py `fetch_by_id`
 
 
-def _submit(service: DreamboothService, body: Txt2ImgRequest, params: dict[str, str]) -> Any:
-    return service.submit("txt2img", body)
+def _submit(
+    service: DreamboothService, body: Txt2ImgRequest, params: dict[str, str]
+) -> Awaitable[BaseModel]:
+    return service.submit("txt2img", body)  # as api/routes.py `text2img`
 
 
 def _path_regex(template: str) -> re.Pattern[str]:
@@ -115,7 +119,8 @@ class FastLane:
             body, replay = await _read_body(receive)  # the body cap raises its 413 from here
             try:
                 request = lane.request.model_validate(json.loads(body))
-            except (ValueError, ValidationError):  # FastAPI words the refusal, as for any route
+            except Exception:  # FastAPI words the refusal, as for any route (nesting too deep
+                # for json.loads raises RecursionError, which FastAPI answers 400 too)
                 await self.app(scope, replay, send)
                 return
             answer = await lane.call(app.state.service, request, params)
