@@ -16,7 +16,7 @@ from dreamq.jobparams import LoraChoice
 from dreamq.registry import EmbeddingEntry, LoraEntry, Registry, load_registry
 from tests.support.generation import params, pixels
 from workers.generate import Generator, JobRefused
-from workers.models import PipelineCache
+from workers.models import ModelLoadError, PipelineCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -46,7 +46,13 @@ def demo(demo_registry_file: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             lora[f"{key}.lora_B.weight"] = 0.5 * torch.randn(32, 4, generator=generator)
     lora_file = tmp_path_factory.mktemp("te-lora") / "te.safetensors"
     save_file(lora, str(lora_file))
-    loras = {**registry.loras, "te-lora": LoraEntry(source=str(lora_file))}
+    broken = tmp_path_factory.mktemp("broken-lora") / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    loras = {
+        **registry.loras,
+        "te-lora": LoraEntry(source=str(lora_file)),
+        "broken": LoraEntry(source=str(broken)),
+    }
     embeddings = {
         **registry.embeddings,
         "xl-embedding": EmbeddingEntry(source=str(file), family="sdxl", token=TOKEN),
@@ -94,6 +100,16 @@ def test_lora_changes_the_image_and_leaves_no_trace(
     again = pixels(generator.run("demo", params(loras=(LoraChoice("demo-lora-a"),))))
     assert np.array_equal(a, again)
     # Disabled peft layers compute the base layer alone: bit-equal to a worker without LoRAs.
+    assert_plain(generator, reference, "demo")
+
+
+def test_a_lora_that_fails_to_load_leaves_no_trace(
+    generator: Generator, reference: dict[str, np.ndarray]
+) -> None:
+    """The first LoRA loads (and peft makes it active), the second fails: the job fails, and
+    the next job without LoRA, which switches nothing itself, still gets the plain image."""
+    with pytest.raises(ModelLoadError, match="The LoRA broken could not be loaded"):
+        generator.run("demo", params(loras=(LoraChoice("demo-lora-b"), LoraChoice("broken"))))
     assert_plain(generator, reference, "demo")
 
 

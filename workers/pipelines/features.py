@@ -39,17 +39,20 @@ def loras(
 
     Adapters stay loaded between jobs (loading costs far more than switching); disabled, peft's
     layers compute the base layer alone, so a job without LoRA gets the base model's output
-    bit for bit.
+    bit for bit. They are disabled between jobs: a job that loads or enables one disables them
+    when it ends, however it ends (a load that fails included), so a job without LoRA touches
+    nothing. Disabling walks every module of the model (0.8 ms on the tiny one); a job without
+    LoRA on a model with adapters did it twice.
     """
+    if not choices:
+        yield
+        return
     pipe = loaded.pipe
-    names = [cache.lora_adapter(loaded, choice.id) for choice in choices]
-    if names:
+    try:
+        names = [cache.lora_adapter(loaded, choice.id) for choice in choices]
         pipe.enable_lora()
         # Always set: after a load, only the adapter loaded last is active.
         pipe.set_adapters(names, adapter_weights=[choice.strength for choice in choices])
-    elif loaded.adapters:
-        pipe.disable_lora()
-    try:
         yield
     finally:
         if loaded.adapters:
