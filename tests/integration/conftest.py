@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from api.app import create_app
 from dreamq.registry import ModelEntry, load_registry, write_registry
 from dreamq.settings import Settings
 from storage.apikeys import ApiKeyStore
+from storage.workers import WorkerStore
 from tests.support.processes import (
     JobEvents,
     ProcessOutput,
@@ -99,6 +102,30 @@ def stack(
                     other_key=other_key,
                     receiver=receiver,
                 )
+
+
+@pytest.fixture(autouse=True)
+def _no_dead_workers_to_route_to(redis_proc: RedisServer) -> None:
+    """Forget the model lists and busy notes of worker processes of earlier tests that no longer
+    exist. A process killed with -9 (the fault tests do it) or with its group cannot clear its
+    own; left until they expire (3 refreshes, 30 s), routing in the next test would hand a job
+    to that dead node's queue, where it waits for a reconciler the test may not run (seen once
+    in CI: a job of test_routing_stack never ran). Every worker here runs on this host, so a pid
+    that is gone is a dead process; live ones (a module's stack) keep theirs."""
+    store = WorkerStore(redis_proc.client())
+    dead = [name for name in store.process_models(time.time()) if not _alive(name)]
+    store.forget_models(*dead)
+
+
+def _alive(process: str) -> bool:
+    pid = int(process.rsplit(":", 1)[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @pytest.fixture

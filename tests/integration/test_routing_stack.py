@@ -70,7 +70,13 @@ def test_a_cold_worker_leaves_a_job_to_the_warm_node(profile_factory: ProfileFac
             assert cold.count(r"model demo-xl loaded") == 0
             # A job for a model nobody holds is loaded by whoever is free: here, cold's turn.
             fresh = profile.submit(**QUICK)  # `demo`: nobody holds it
-            wait_success(jobs, events, fresh)
+            try:
+                wait_success(jobs, events, fresh)
+            except TimeoutError:  # what each worker did, for a failure seen once in CI
+                raise AssertionError(
+                    f"job {fresh}: {jobs.get(fresh)}\n--- warm\n{warm.tail(60)}\n"
+                    f"--- cold\n{cold.tail(60)}"
+                ) from None
 
 
 def processed(lines: list[str]) -> set[int]:
