@@ -550,11 +550,7 @@ class BrokerMessage:
     binding_sets: tuple[str, str]
     binding_member: str
     parts: tuple[str, str, str]
-
-    def text(self, job_id: int) -> str:
-        """The message as the create step writes it for `job_id`."""
-        before, between, after = self.parts
-        return f"{before}{job_id}{between}{job_id}{after}"
+    """Before, between and after the id: the create script writes `before id between id after`."""
 
 
 def _create_call(
