@@ -44,6 +44,7 @@ from storage.jobs import AsyncJobStore
 from storage.layout import TEMP_LIFETIME_SECONDS, TEMP_PREFIX, input_key
 from storage.limits import RateLimiter
 from storage.objects import LocalDirObjectStore, ObjectStore, open_object_store
+from storage.wire import Multiplexed, RedisPyWire
 
 log = logging.getLogger("dreamq.api")
 
@@ -76,12 +77,19 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     limiter_client = parts.limiter_client or _limiter_client(settings) or client
     broker_url = settings.effective_broker_url
     broker = broker_client(settings.redis_url, broker_url)
-    jobs = AsyncJobStore(client, ttl_seconds=settings.job_ttl_seconds)
+    # The hot path's commands: one multiplexed connection (storage/wire.py), or the given
+    # client's (a test's fakeredis).
+    wire = (
+        RedisPyWire(parts.redis_client) if parts.redis_client else Multiplexed(settings.redis_url)
+    )
+    jobs = AsyncJobStore(client, ttl_seconds=settings.job_ttl_seconds, wire=wire)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await client.aclose()
+        if isinstance(wire, Multiplexed):
+            await wire.aclose()
         if limiter_client is not client:
             await limiter_client.aclose()
         if broker is not None:
@@ -106,8 +114,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.state.service = DreamboothService(
         settings=settings,
         redis_client=client,
+        wire=wire,
         jobs=jobs,
-        api_keys=AsyncApiKeyStore(client),
+        api_keys=AsyncApiKeyStore(wire),
         registry=registry,
         objects=objects,
         publisher=publisher,

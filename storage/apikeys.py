@@ -15,7 +15,7 @@ import builtins
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from dreamq.signing import new_secret
 from storage import keys
+from storage.wire import Command, Wire, wire_of
 
 KEY_PREFIX = "dq_"
 
@@ -223,8 +224,8 @@ def _text_map(raw: dict[Any, Any]) -> dict[str, str]:
 class AsyncApiKeyStore:
     """The API's read-only view: authenticate a request."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._r = client
+    def __init__(self, client: aioredis.Redis | Wire) -> None:
+        self._r = wire_of(client)
 
     async def lookup(self, key: str | None) -> KeyInfo | None:
         """The key's record, read afresh on every request (a revocation applies to the next
@@ -232,19 +233,18 @@ class AsyncApiKeyStore:
         are the dispatcher's business)."""
         if not _well_formed(key):
             return None
-        return _looked_up(await self._r.hmget(_lookup_record(key), _LOOKUP_FIELDS))
+        return _looked_up(await self._r.call("HMGET", _lookup_record(key), *_LOOKUP_FIELDS))
 
     async def lookup_with(
-        self, key: str | None, read: Callable[[Any], None]
+        self, key: str | None, commands: Sequence[Command]
     ) -> tuple[KeyInfo | None, list[Any]]:
-        """`lookup`, and in the same round trip what `read` queues on the pipeline it is given
-        (the replies to its commands, in order). A malformed key reads nothing."""
+        """`lookup`, and in the same round trip `commands` (their replies, in order). A
+        malformed key reads nothing."""
         if not _well_formed(key):
             return None, []
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hmget(_lookup_record(key), _LOOKUP_FIELDS)
-        read(pipe)
-        values, *replies = await pipe.execute()
+        values, *replies = await self._r.calls(
+            [("HMGET", _lookup_record(key), *_LOOKUP_FIELDS), *commands]
+        )
         return _looked_up(values), replies
 
 

@@ -25,6 +25,7 @@ import redis
 import redis.asyncio as aioredis
 
 from storage import keys
+from storage.wire import Command, RedisPyWire, Script, Wire, pairs
 
 
 class JobStatus(StrEnum):
@@ -230,6 +231,7 @@ return id
     .replace("$WORK", keys.QUEUED_WORK)
     .replace("$SPAN", str(keys.LEVEL_SPAN))
 )
+_CREATE_SCRIPT = Script(_CREATE)
 
 # KEYS: job key, active set, lease key, pending webhooks. ARGV: new status, allowed sources (space
 # separated), terminal flag, ttl seconds, events channel, attempts increment, lease op, lease token
@@ -498,9 +500,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def record_of(raw: dict[Any, Any]) -> JobRecord | None:
+def record_of(raw: dict[Any, Any] | list[Any]) -> JobRecord | None:
     """The record a job hash's HGETALL reply holds (None: no such job)."""
-    return decode(_decode_hash(raw)) if raw else None
+    return decode(_decode_hash(pairs(raw))) if raw else None
 
 
 def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
@@ -812,11 +814,13 @@ class AsyncJobStore:
         *,
         ttl_seconds: int,
         clock: Callable[[], float] = time.time,
+        wire: Wire | None = None,
     ) -> None:
         self._r = client
+        self._wire = wire or RedisPyWire(client)
+        """The hot path's connection: the create step (api/app.py gives the multiplexed one)."""
         self._ttl = ttl_seconds
         self._clock = clock
-        self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._count_active = client.register_script(_COUNT_ACTIVE)
 
@@ -837,15 +841,15 @@ class AsyncJobStore:
         """As `JobStore.create`; with `message`, its broker message is pushed in the same
         step (the broker must be this Redis)."""
         keys_, args = _create_call(job, self._clock(), self._ttl, max_unfinished, message)
-        return _created(await self._create(keys=keys_, args=args), max_unfinished)
+        return _created(await self._wire.script(_CREATE_SCRIPT, keys_, args), max_unfinished)
 
     async def get(self, job_id: int) -> JobRecord | None:
         return record_of(await self._r.hgetall(keys.job(job_id)))
 
     @staticmethod
-    def queue_get(pipe: Any, job_id: int) -> None:
-        """Queue `get`'s read on a pipeline; `record_of` decodes its reply."""
-        pipe.hgetall(keys.job(job_id))
+    def get_command(job_id: int) -> Command:
+        """`get`'s read, for a round trip with other commands; `record_of` decodes its reply."""
+        return ("HGETALL", keys.job(job_id))
 
     async def fail(self, job_id: int, message: str, *, webhook: bool = True) -> bool:
         """`webhook=False`: no delivery for this end (the client was told at once, with no id)."""

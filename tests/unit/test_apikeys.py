@@ -235,7 +235,7 @@ def lookup_with_get(
 ) -> tuple[KeyInfo | None, list[object]]:
     async def lookup() -> tuple[KeyInfo | None, list[object]]:
         keys_store = AsyncApiKeyStore(fakeredis.aioredis.FakeRedis(server=server))
-        return await keys_store.lookup_with(key, lambda pipe: pipe.get(name))
+        return await keys_store.lookup_with(key, [("GET", name)])
 
     return asyncio.run(lookup())
 

@@ -69,7 +69,12 @@ class Twins:
             kwargs.setdefault("headers", {"content-type": "application/json"})
         ours = self.lane.client.post(path, **kwargs)
         theirs = self.plain.client.post(path, **kwargs)
-        assert (ours.status_code, _masked(ours)) == (theirs.status_code, _masked(theirs)), path
+        mine, other = _masked(ours), _masked(theirs)
+        if isinstance(mine, dict) and isinstance(other, dict) and "eta" in mine and "eta" in other:
+            # A waiting job's eta counts down: the second app answers a few ms later.
+            assert abs(mine["eta"] - other["eta"]) <= 0.1, path
+            other["eta"] = mine["eta"]
+        assert (ours.status_code, mine) == (theirs.status_code, other), path
         for header in ("content-type", "retry-after"):
             assert ours.headers.get(header) == theirs.headers.get(header), header
         return ours
