@@ -346,6 +346,7 @@ def test_a_long_queue_ahead_is_extrapolated_from_its_first_jobs(
     server: fakeredis.FakeServer, store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(eta, "QUEUE_SCAN_LIMIT", 2)
+    monkeypatch.setattr(eta, "SIMULATED_AHEAD", 2)
     ids = [store.create(new_job(predicted_seconds=seconds)) for seconds in (1.0, 3.0, 8.0, 8.0)]
     got = read_ahead(server, ids[3])
     assert got.ahead == 3
@@ -358,6 +359,7 @@ def test_more_urgent_levels_count_in_full_and_only_the_own_level_is_extrapolated
     """A low-priority job behind many urgent ones: their work is the job store's exact sum, not
     a scan of them; the scan and its extrapolation cover the jobs ahead in its own level."""
     monkeypatch.setattr(eta, "QUEUE_SCAN_LIMIT", 2)
+    monkeypatch.setattr(eta, "SIMULATED_AHEAD", 2)
     for seconds in (1.0, 2.0, 4.0, 8.0, 16.0):
         store.create(new_job(predicted_seconds=seconds, level=0))
     for seconds in (3.0, 5.0, 100.0):
@@ -368,7 +370,23 @@ def test_more_urgent_levels_count_in_full_and_only_the_own_level_is_extrapolated
     assert got.ahead == 9
     # 81 s of urgent work exactly, then (3 + 5) / 2 per job for the 3 ahead in its level.
     assert got.queued_seconds == pytest.approx(1 + 2 + 4 + 8 + 16 + 50 + (3.0 + 5.0) / 2 * 3)
-    assert got.first == pytest.approx((1.0, 2.0, 4.0, 8.0, 16.0, 50.0, 3.0, 5.0, 100.0))
+    assert got.first == pytest.approx((1.0, 2.0))  # the first SIMULATED_AHEAD, in order
+
+
+def test_the_head_reaches_past_the_scan_into_its_own_level(
+    server: fakeredis.FakeServer, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulated head is the first jobs in the order workers take them, urgent ones first,
+    however few of its own level the sum scans; what it reads is summed exactly."""
+    monkeypatch.setattr(eta, "QUEUE_SCAN_LIMIT", 1)
+    for seconds in (1.0, 2.0):
+        store.create(new_job(predicted_seconds=seconds, level=0))
+    for seconds in (3.0, 5.0, 100.0):
+        store.create(new_job(predicted_seconds=seconds, level=1))
+    waiting = store.create(new_job(predicted_seconds=1.0, level=1))
+    got = read_ahead(server, waiting)
+    assert got.first == pytest.approx((1.0, 2.0, 3.0, 5.0, 100.0))
+    assert got.queued_seconds == pytest.approx(1 + 2 + 3 + 5 + 100)
 
 
 # ---------------------------------------------------------------- learning
