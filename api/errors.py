@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from dreamq.capabilities import unknown_ids
@@ -15,6 +17,8 @@ from dreamq.contract import attribute
 from dreamq.errors import DreamqError, FieldErrors, PayloadTooLarge, RateLimited
 
 log = logging.getLogger("dreamq.api")
+
+REDIS_DOWN = "The job store is unavailable, try again later."
 
 # Fallback texts for pydantic error types our own validators do not raise (wrong JSON types).
 _GENERIC = {
@@ -106,6 +110,13 @@ def install(app: FastAPI, *, legacy_http_200: bool) -> None:
         code = status(exc.status_code) if request.url.path.startswith("/api/") else exc.status_code
         return JSONResponse(error_body(message), status_code=code, headers=exc.headers)
 
+    async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
+        # Not the client's fault, and likely to pass: 503, which clients retry, not a 500.
+        log.warning("Redis unavailable on %s: %s", request.url.path, exc)
+        return JSONResponse(
+            error_body(REDIS_DOWN), status_code=status(503), headers={"Retry-After": "1"}
+        )
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body("Internal server error"), status_code=status(500))
@@ -113,4 +124,6 @@ def install(app: FastAPI, *, legacy_http_200: bool) -> None:
     app.add_exception_handler(DreamqError, on_dreamq_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RedisConnectionError, on_redis_down)
+    app.add_exception_handler(RedisTimeoutError, on_redis_down)
     app.add_exception_handler(Exception, on_unexpected)

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from api.app import Overrides, create_app
+from api.errors import REDIS_DOWN
 from dreamq.jobparams import ImageInput, JobParams, LoraChoice
 from dreamq.queue import AsyncRecordingPublisher
 from dreamq.registry import (
@@ -754,3 +755,25 @@ def test_a_key_on_a_plan_no_longer_configured_gets_the_default_plan() -> None:
         ApiKeyStore(api.raw).set_plan(key_id(api, api.key), "retired")
         codes = [txt2img(api, seed=i).status_code for i in range(3)]
     assert codes == [200, 200, 429]
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+def test_a_job_redis_that_cannot_be_reached_answers_503_not_500(fast_lane: bool) -> None:
+    """The app's own multiplexed connection (no client given), to a port nobody listens on."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(
+        Settings(public_url="https://api.example.com", redis_url=dead),
+        Overrides(
+            registry=REGISTRY,
+            objects=MemoryObjectStore(),
+            publisher=AsyncRecordingPublisher(),
+            fast_lane=fast_lane,
+        ),
+    )
+    with TestClient(app) as client:
+        body = {"key": "dq_" + "x" * 43, "model_id": "demo", "prompt": "a fox"}
+        for path in ("/api/v4/dreambooth", "/api/v4/dreambooth/fetch/1"):
+            response = client.post(path, json=body)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["message"] == REDIS_DOWN
+            assert response.headers["retry-after"] == "1"
