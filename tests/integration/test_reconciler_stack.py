@@ -7,6 +7,7 @@ the reconciler in the real `dreamq dispatcher` publishes again what nothing woul
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -45,6 +46,13 @@ def test_r5_broker_restart_without_persistence_every_accepted_job_is_redriven(
             hooked = profile.submit(webhook=receiver.url, **QUICK)
             assert events.wait_for(hooked, timeout=60) == "success"
             first = receiver.next(timeout=30)
+            # The retry must be in the broker when it dies: the dispatcher has logged attempt 1
+            # and received its retry's message (a retry published while the broker is down is
+            # sent once it is back, and then nothing is lost for the reconciler to find).
+            pending = rf"job {hooked}: webhook attempt 1: 500 -> pending"
+            dispatcher.wait_for(pending, timeout=30)
+            after = next(i for i, line in enumerate(dispatcher.lines) if re.search(pending, line))
+            dispatcher.wait_for(r"deliver_webhook\[[^\]]+\] received", timeout=30, start=after)
             running = profile.submit(**SLOW)
             processing(worker, running, attempt=1)
             queued = [profile.submit(**QUICK) for _ in range(3)]
