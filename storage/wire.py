@@ -3,12 +3,12 @@
 An API process answers thousands of submissions and fetches a second, each two or three short
 Redis round trips. redis-py's asyncio client costs about 80-100 µs of CPU per round trip on the
 project machine (its pool, retry wrapper, a `wait_for` task per write, a timeout context per
-read, its command packer in Python) and one send and one receive system call each: as much as
-the rest of a fetch. `Multiplexed` is the design of ioredis's auto-pipelining and of aioredis 1:
-one connection per process, every request's commands written to it as they come, the commands
-of one event-loop iteration in one `send`, replies matched to callers in order (Redis answers a
-connection's commands in the order it sent them). A command is then a packed buffer (hiredis's
-packer, in C), a future, and its share of one system call each way.
+read, its command packer in Python): as much as the rest of a fetch. `Multiplexed` is the
+design of aioredis 1 (and of ioredis): one connection per process, every request's commands
+written to it as they come, many requests' commands in flight on it at once, replies matched to
+callers in order (Redis answers a connection's commands in the order it received them). A
+command is then a packed buffer (hiredis's packer, in C), a future, a `send`, and its share of
+the `recv` that brings replies back (Redis answers what it read in one pass in one write).
 
 Only short, non-blocking commands go through it: a blocking command (BRPOP, a long script)
 would hold every other request's reply behind its own. Pub/sub, the broker and the workers keep
@@ -135,7 +135,6 @@ class _Link(asyncio.Protocol):
         self._timeout = timeout
         self._reader = hiredis.Reader(notEnoughData=_INCOMPLETE)
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed: BaseException | None = None
@@ -178,26 +177,26 @@ class _Link(asyncio.Protocol):
 
     # the client's side
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
-        """Queue a packed command; its future gets the reply. Commands queued in one event-loop
-        iteration leave in one write."""
-        future = self._loop.create_future()
-        if self.closed is not None:
-            future.set_exception(self.closed)
-            return future
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.append(packed)
-        now = self._loop.time()
-        self._pending.append((future, now))
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_at(now + self._timeout, self._check)
-        return future
+    def send(self, packed: bytes, count: int = 1) -> list[asyncio.Future[Any]]:
+        """Write `count` packed commands at once; a future for each reply, in order.
 
-    def _flush(self) -> None:
-        if self._out and self._transport is not None and self.closed is None:
-            self._transport.write(b"".join(self._out))
-        self._out.clear()
+        Written now, not gathered for the end of the event-loop iteration: gathering put every
+        request's command in one write, so Redis worked through the whole wave while the API
+        waited, then the API through the replies while Redis waited (measured: admission
+        1,541 -> 1,845/s, fetch 1,755 -> 3,192/s when written at once). A request's own
+        commands (`Multiplexed.calls`) still leave together."""
+        loop = self._loop
+        futures = [loop.create_future() for _ in range(count)]
+        if self.closed is not None or self._transport is None:
+            for future in futures:
+                future.set_exception(self.closed or RedisConnectionError("not connected"))
+            return futures
+        self._transport.write(packed)
+        now = loop.time()
+        self._pending.extend((future, now) for future in futures)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(now + self._timeout, self._check)
+        return futures
 
     def _check(self) -> None:
         """The oldest command waited `timeout` for its reply: Redis stopped answering (or the
@@ -224,7 +223,6 @@ class _Link(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        self._out.clear()
         while self._pending:
             future, _ = self._pending.popleft()
             if not future.done():
@@ -335,7 +333,8 @@ class Multiplexed:
                         lambda: link, address.host, address.port, ssl=context
                     )
                 for command in address.handshake():
-                    await link.send(hiredis.pack_command(tuple(command)))
+                    (reply,) = link.send(hiredis.pack_command(tuple(command)))
+                    await reply
         except TimeoutError:
             link.close()
             raise RedisTimeoutError(
@@ -362,11 +361,13 @@ class Multiplexed:
 
     async def call(self, *args: Any) -> Any:
         link = self._link_now() or await self._open()
-        return await link.send(hiredis.pack_command(args))
+        (reply,) = link.send(hiredis.pack_command(args))
+        return await reply
 
     async def calls(self, commands: Sequence[Command]) -> list[Any]:
         link = self._link_now() or await self._open()
-        futures = [link.send(hiredis.pack_command(tuple(command))) for command in commands]
+        packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+        futures = link.send(packed, len(commands))
         replies: list[Any] = []
         failure: RedisError | None = None
         try:

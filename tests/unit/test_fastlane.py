@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.app import Overrides, create_app
+from api.errors import REDIS_DOWN
 from api.fastlane import FastLane
 from dreamq.queue import AsyncRecordingPublisher
 from dreamq.settings import Settings
@@ -265,15 +266,36 @@ def test_a_job_the_lane_accepted_is_queued_like_any(twins: Twins) -> None:
     assert job.params == twins.plain.jobs.get(job_id).params  # type: ignore[union-attr]
 
 
-def test_an_unexpected_error_is_the_server_error_answer_both_ways(twins: Twins) -> None:
-    """Redis gone mid-request: no handler of the app's own but the catch-all, which the server
-    error middleware applies to the lane's error as to the route's."""
+def test_redis_gone_is_the_same_503_both_ways(twins: Twins) -> None:
+    """Redis gone mid-request: the app's handler for it answers the lane's error as the
+    route's."""
     job_id = twins.post("/api/v4/dreambooth", SUBMIT).json()["id"]
     for side in (twins.lane, twins.plain):
         side.redis.connected = False
     answers = [
         twins.post("/api/v4/dreambooth", SUBMIT),
         twins.post(f"/api/v4/dreambooth/fetch/{job_id}", {"key": KEY}),
+    ]
+    assert [answer.status_code for answer in answers] == [503, 503]
+    assert answers[0].json()["message"] == REDIS_DOWN
+
+
+def test_an_unexpected_error_is_the_server_error_answer_both_ways(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No handler of the app's own but the catch-all, which the server error middleware
+    applies to the lane's error as to the route's."""
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    for side in (twins.lane, twins.plain):
+        service = side.client.app.state.service  # type: ignore[attr-defined]
+        monkeypatch.setattr(service, "fetch", broken)
+        monkeypatch.setattr(service, "submit", broken)
+    answers = [
+        twins.post("/api/v4/dreambooth", SUBMIT),
+        twins.post("/api/v4/dreambooth/fetch/1", {"key": KEY}),
     ]
     assert [answer.status_code for answer in answers] == [500, 500]
     assert answers[0].json()["message"] == "Internal server error"
