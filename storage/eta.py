@@ -485,13 +485,15 @@ async def read_submission(
         [*fleet_args, keys.job(0)[:-1], SIMULATED_AHEAD, *_stat_fields(shape)],
     )
     fleet, stats, work, head, unfinished = reply
-    pairs: list[tuple[float, float]] = []
-    batching: list[Batching] = []
-    for i in range(0, len(head), 4):
-        score = float(head[i])
-        pairs.append((score, float(head[i + 1])))
-        level = int(score) // keys.LEVEL_SPAN
-        batching.append(Batching(_text(head[i + 2]), int(head[i + 3] or 1), level))
+    # Every submission parses these 32 jobs: comprehensions over the flat reply's columns (a
+    # loop with index arithmetic cost about twice as much).
+    scores = [float(score) for score in head[0::4]]
+    pairs = list(zip(scores, map(float, head[1::4]), strict=True))
+    span = keys.LEVEL_SPAN
+    batching = [
+        Batching(_text(key), int(samples or 1), int(score) // span)
+        for score, key, samples in zip(scores, head[2::4], head[3::4], strict=True)
+    ]
     return SubmissionView(
         stats=RunStats.from_values(stats),
         fleet=_fleet(model_id, now, fleet),

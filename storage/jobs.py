@@ -140,12 +140,16 @@ _FLOAT_FIELDS = ("created_at", "updated_at", "eta_at", "predicted_seconds")
 _OPTIONAL_FLOAT_FIELDS = ("started_at", "finished_at", "generation_time", "pipeline_time")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+"""`json.dumps(value, separators=...)` builds an encoder on every call: one, built once."""
+
+
 def _encode(values: dict[str, Any]) -> list[str]:
     """Flatten fields into HSET arguments; JSON for structured values, '' for None."""
     flat: list[str] = []
     for name, value in values.items():
         if name in _JSON_FIELDS:
-            text = json.dumps(value, separators=(",", ":"))
+            text = _COMPACT.encode(value)
         elif value is None:
             text = ""
         else:
