@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import uuid
@@ -282,20 +283,36 @@ def job_message_parts(
     The body is the JSON itself, not its base64: kombu's transport option `body_encoding`
     (None) writes messages that way, and every kombu consumer decodes a message by its own
     `body_encoding` property, so a worker runs it like a base64 one
-    (tests/unit/test_queue.py compares it with kombu's own)."""
-    marker = uuid.uuid4().hex  # stands for the id: nothing else in the message can hold it
+    (tests/unit/test_queue.py compares it with kombu's own).
+
+    Every submission makes one: the envelope's JSON is built once per queue, origin and
+    priority, and each message only gets its own task id and delivery tag."""
+    text = _job_template(queue, origin, reply_to, priority)
+    text = text.replace(_TASK_MARK, str(uuid.uuid4())).replace(_TAG_MARK, str(uuid.uuid4()))
+    before, between, after = text.split(_JOB_MARK)
+    return before, between, after
+
+
+# Stand-ins in the template: random hex, which nothing else in a message can hold and JSON
+# writes as it is.
+_JOB_MARK, _TASK_MARK, _TAG_MARK = (uuid.uuid4().hex for _ in range(3))
+
+
+@functools.lru_cache(maxsize=64)
+def _job_template(queue: str, origin: str, reply_to: str, priority: int) -> str:
     envelope = _envelope(
         GENERATE_TASK,
-        f"[[{marker}], {{}}, {json.dumps(_EMBED)}]",
-        f"[{marker}]",
+        f"[[{_JOB_MARK}], {{}}, {json.dumps(_EMBED)}]",
+        f"[{_JOB_MARK}]",
         queue,
         origin=origin,
         reply_to=reply_to,
         priority=priority,
         body_encoding=None,
+        task_id=_TASK_MARK,
+        delivery_tag=_TAG_MARK,
     )
-    before, between, after = json.dumps(envelope).split(marker)
-    return before, between, after
+    return json.dumps(envelope)
 
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -311,8 +328,10 @@ def _envelope(
     reply_to: str,
     priority: int,
     body_encoding: str | None,
+    task_id: str | None = None,
+    delivery_tag: str | None = None,
 ) -> dict[str, Any]:
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     return {
         "body": body,
         "content-encoding": "utf-8",
@@ -345,7 +364,7 @@ def _envelope(
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": priority,
             "body_encoding": body_encoding,
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": delivery_tag or str(uuid.uuid4()),
         },
     }
 

@@ -22,6 +22,7 @@ from dreamq.queue import (
     RecordingPublisher,
     RedisPublisher,
     ThreadedPublisher,
+    job_message_parts,
     make_celery,
 )
 from dreamq.settings import Settings
@@ -291,3 +292,21 @@ def test_the_async_recording_publisher_records_and_fails_on_demand() -> None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def test_messages_for_create_share_a_template_but_never_an_id() -> None:
+    """The envelope's JSON is built once: each message still gets its own task id (also its
+    root and correlation id) and delivery tag, and the job id in both places."""
+    messages = []
+    for job_id in (7, 8):
+        before, between, after = job_message_parts("q", origin="gen1@h", reply_to="r", priority=3)
+        messages.append(json.loads(f"{before}{job_id}{between}{job_id}{after}"))
+    for job_id, message in zip((7, 8), messages, strict=True):
+        headers, properties = message["headers"], message["properties"]
+        assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+        assert json.loads(message["body"])[0] == [job_id]
+        assert headers["argsrepr"] == f"[{job_id}]"
+        assert properties["priority"] == 3
+    ids = {message["headers"]["id"] for message in messages}
+    tags = {message["properties"]["delivery_tag"] for message in messages}
+    assert len(ids) == 2 and len(tags) == 2 and not ids & tags
