@@ -63,7 +63,8 @@ class Script:
 
 class Wire(Protocol):
     """The Redis calls of the API's hot path. Replies are RESP2's, as redis-py gives them
-    undecoded: bytes, int, None, lists; `hgetall` a dict of bytes."""
+    undecoded: bytes, int, None, lists (HGETALL's: a list from Redis, a dict from redis-py;
+    `pairs` reads both)."""
 
     async def call(self, *args: Any) -> Any:
         """One command's reply; a Redis error reply raises ResponseError."""
@@ -77,8 +78,6 @@ class Wire(Protocol):
     async def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA, loading the script on NOSCRIPT (a restarted Redis has none)."""
         ...
-
-    async def hgetall(self, key: str) -> dict[bytes, bytes]: ...
 
 
 def pairs(reply: Any) -> dict[bytes, bytes]:
@@ -112,9 +111,6 @@ class RedisPyWire:
             return await self.client.execute_command(*_evalsha(script, keys, args))
         except NoScriptError:
             return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
-
-    async def hgetall(self, key: str) -> dict[bytes, bytes]:
-        return pairs(await self.client.execute_command("HGETALL", key))
 
 
 def wire_of(client: aioredis.Redis | Wire) -> Wire:
@@ -393,9 +389,6 @@ class Multiplexed:
             return await self.call(*_evalsha(script, keys, args))
         except NoScriptError:
             return await self.call("EVAL", script.text, len(keys), *keys, *args)
-
-    async def hgetall(self, key: str) -> dict[bytes, bytes]:
-        return pairs(await self.call("HGETALL", key))
 
     async def aclose(self) -> None:
         if self._link is not None:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from storage.wire import Address, Multiplexed, RedisPyWire, Script, Wire
+from storage.wire import Address, Multiplexed, RedisPyWire, Script, Wire, pairs
 from tests.support.processes import RedisServer, redis_server
 from tests.support.tcp import listener
 
@@ -52,7 +53,7 @@ def test_calls_scripts_and_hashes_answer_alike(make_wire: Callable[[], Wire]) ->
             await wire.call("DEL", "wire:h", "wire:s", "wire:s:calls")
             assert await wire.call("HSET", "wire:h", "a", "1", "b", 2.5) == 2
             assert await wire.call("HMGET", "wire:h", "a", "b", "c") == [b"1", b"2.5", None]
-            assert await wire.hgetall("wire:h") == {b"a": b"1", b"b": b"2.5"}
+            assert pairs(await wire.call("HGETALL", "wire:h")) == {b"a": b"1", b"b": b"2.5"}
             replies = await wire.calls([("HGET", "wire:h", "a"), ("HGETALL", "wire:none")])
             assert replies[0] == b"1" and not replies[1]
             await wire.call("SCRIPT", "FLUSH")  # as after a Redis restart: EVAL, then EVALSHA
@@ -115,9 +116,10 @@ def test_a_cancelled_caller_does_not_shift_the_next_reply(redis_proc: RedisServe
         try:
             await wire.call("PING")  # connected
             await wire.call("SET", "wire:first", "first")
-            gone = asyncio.ensure_future(wire.call("GET", "wire:first"))
-            await asyncio.sleep(0)  # its command is queued; its reply has not come
-            gone.cancel()
+            link = wire._link_now()  # the connection itself: its command is sent at once
+            assert link is not None
+            (gone,) = link.send(hiredis.pack_command(("GET", "wire:first")))
+            gone.cancel()  # its caller went away before the reply came
             assert await wire.call("ECHO", "second") == b"second"
             assert gone.cancelled()
         finally:
@@ -223,7 +225,7 @@ def test_fakeredis_serves_the_same_calls() -> None:
     async def test() -> None:
         wire = RedisPyWire(fakeredis.aioredis.FakeRedis())
         await wire.call("HSET", "h", "a", "1")
-        assert await wire.hgetall("h") == {b"a": b"1"}
+        assert pairs(await wire.call("HGETALL", "h")) == {b"a": b"1"}
         assert await wire.calls([("HMGET", "h", "a"), ("ECHO", "x")]) == [[b"1"], b"x"]
         assert await wire.script(ECHO, ["k"], [1]) == [b"k", b"1", 1]
 
